@@ -1,0 +1,112 @@
+"""Every code the synthetic EHR writes and the cohort builder reads.
+
+One source of truth: ICD-10-SE diagnosis codes, LOINC laboratory codes with
+their units, ATC drug classes and the OMOP concept ids used for visits,
+sex, discharge destinations and record provenance. Source codes are written
+in `*_source_value` columns with `*_concept_id` = 0 ("no matching concept"),
+as in an OMOP extract loaded without the standard vocabulary mapping; the
+cohort builder therefore reads source values.
+"""
+from __future__ import annotations
+
+# --- OMOP concept ids (standard OMOP vocabulary) -------------------------
+GENDER_MALE = 8507
+GENDER_FEMALE = 8532
+
+VISIT_INPATIENT = 9201  # Inpatient Visit
+VISIT_OUTPATIENT = 9202  # Outpatient Visit
+VISIT_EMERGENCY = 9203  # Emergency Room Visit
+VISIT_EMERGENCY_INPATIENT = 262  # Emergency Room and Inpatient Visit
+INPATIENT_VISITS = (VISIT_INPATIENT, VISIT_EMERGENCY_INPATIENT)
+
+ADMITTED_FROM_HOME = 8536  # Home
+ADMITTED_FROM_EMERGENCY_ROOM = 8870  # Emergency Room - Hospital
+
+DISCHARGED_HOME = 8536  # Home
+DISCHARGED_DIED = 4216643  # Patient died
+DISCHARGED_TRANSFER = 8717  # Inpatient Hospital (transfer to another acute hospital)
+DISCHARGED_AGAINST_ADVICE = 4021968  # Patient self-discharge against medical advice
+
+TYPE_EHR = 32817  # EHR (record provenance, all *_type_concept_id)
+TYPE_EHR_PRESCRIPTION = 32838  # EHR prescription
+CONDITION_PRIMARY = 32902  # Primary diagnosis
+CONDITION_SECONDARY = 32908  # Secondary diagnosis
+
+# --- ICD-10-SE diagnoses --------------------------------------------------
+# Index heart-failure diagnoses (main diagnosis of the stay): I50.*, I11.0,
+# I13.0, I13.2. The wider Swedish sets (I25.5, I42, ...) are not used.
+HF_INDEX_CODES = ("I50.0", "I50.1", "I50.9", "I11.0", "I13.0", "I13.2")
+HF_INDEX_PREFIXES = ("I50",)
+HF_INDEX_EXACT = ("I11.0", "I13.0", "I13.2")
+
+#: Code written for each comorbidity, and the prefixes the cohort builder
+#: recognises for it (ICD-10 chapter ranges, Charlson-style groups).
+COMORBIDITY_CODES: dict[str, tuple[str, ...]] = {
+    "hypertension": ("I10",),
+    "atrial_fibrillation": ("I48.0", "I48.1", "I48.9"),
+    "diabetes": ("E11.9", "E10.9", "E11.6"),
+    "ischaemic_heart_disease": ("I25.1", "I25.9", "I20.9"),
+    "renal_failure": ("N18.4", "N18.3", "N19"),
+    "copd": ("J44.9", "J44.1"),
+    "psychiatric": ("F32.9", "F41.1", "F33.1"),
+    "cancer": ("C61", "C50.9", "C18.9", "C34.9"),
+    "valve_disease": ("I35.0", "I34.0", "I36.1"),
+    "dementia": ("F03", "G30.9", "F01.9"),
+}
+COMORBIDITY_PREFIXES: dict[str, tuple[str, ...]] = {
+    "hypertension": ("I10", "I11", "I12", "I13", "I15"),
+    "atrial_fibrillation": ("I48",),
+    "diabetes": ("E10", "E11", "E12", "E13", "E14"),
+    "ischaemic_heart_disease": ("I20", "I21", "I22", "I23", "I24", "I25"),
+    "renal_failure": ("N17", "N18", "N19"),
+    "copd": ("J43", "J44"),
+    "psychiatric": ("F2", "F30", "F31", "F32", "F33", "F40", "F41"),
+    "cancer": tuple(f"C{n:02d}" for n in range(0, 98)),
+    "valve_disease": ("I34", "I35", "I36", "I37"),
+    "dementia": ("F00", "F01", "F02", "F03", "G30"),
+}
+
+#: Charlson weights for the comorbidity groups we code (heart failure itself
+#: scores 1 for every cohort member); used for LACE.
+CHARLSON_WEIGHTS: dict[str, int] = {
+    "heart_failure": 1,
+    "diabetes": 1,
+    "ischaemic_heart_disease": 1,  # myocardial infarction approximated
+    "copd": 1,
+    "dementia": 1,
+    "renal_failure": 2,
+    "cancer": 2,
+}
+
+#: Main diagnoses of non-heart-failure admissions and emergency visits.
+#: None of them falls in a comorbidity group, so a stay for another cause
+#: does not invent a comorbidity.
+OTHER_ADMISSION_CODES = ("J22.9", "J18.9", "R07.4", "R06.0", "N39.0", "S72.0", "E87.1", "R55.9", "K92.2", "A41.9")
+#: Main diagnoses of planned (elective) admissions: device implantation,
+#: elective angiography, scheduled chemotherapy.
+PLANNED_ADMISSION_CODES = ("Z45.0", "I25.1", "Z51.1")
+
+# --- LOINC laboratory codes and units --------------------------------------
+#: lab name -> (LOINC, unit as Swedish labs report it)
+LAB_LOINC: dict[str, tuple[str, str]] = {
+    "nt_probnp": ("33762-6", "ng/L"),
+    "creatinine": ("14682-9", "umol/L"),
+    "sodium": ("2951-2", "mmol/L"),
+    "potassium": ("2823-3", "mmol/L"),
+    "haemoglobin": ("718-7", "g/L"),
+    "systolic_bp": ("8480-6", "mm[Hg]"),
+    "lvef": ("10230-1", "%"),
+}
+LOINC_UNITS: dict[str, str] = {code: unit for code, unit in LAB_LOINC.values()}
+
+# --- ATC drug classes -------------------------------------------------------
+#: drug class -> (ATC prefix the cohort builder matches, code written)
+DRUG_ATC: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "loop_diuretic": (("C03CA",), ("C03CA01", "C03CA02")),
+    "ace_inhibitor_or_arb": (("C09A", "C09B", "C09C", "C09D"), ("C09AA05", "C09AA02", "C09CA01", "C09CA06")),
+    "arni": (("C09DX04",), ("C09DX04",)),
+    "beta_blocker": (("C07AB",), ("C07AB02", "C07AB07")),
+    "mra": (("C03DA",), ("C03DA01", "C03DA04")),
+    "sglt2_inhibitor": (("A10BK",), ("A10BK01", "A10BK03")),
+}
+#: ACE/ARB prefixes include C09D; ARNI (C09DX04) is taken out before matching.
