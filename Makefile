@@ -1,0 +1,68 @@
+# The compendium's entry points. `make help` lists them.
+# Every stage runs its notebook with papermill for PROFILE (params/PROFILE.yaml)
+# and writes build/PROFILE/<stage>/; stages whose inputs did not change are skipped.
+
+PROFILE ?= default
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD := build/$(PROFILE)
+PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
+
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error PROFILE=$(PROFILE) has no params/$(PROFILE).yaml; profiles: $(PROFILES))
+endif
+
+export PYTHONHASHSEED := 0
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+COMPENDIUM_SRC := $(shell find compendium -name '*.py' 2>/dev/null)
+SYNTH_SRC := $(shell find data_synth -name '*.py' 2>/dev/null)
+
+STAGE1 := $(BUILD)/01_synthetic_ehr/manifest.json
+
+.PHONY: all smoke test bench help venv lock clean stage1 check-params
+
+all: $(STAGE1) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
+	@echo "done: artifacts in $(BUILD)/, rendered notebooks in $(BUILD)/notebooks/"
+
+smoke: ## the whole pipeline with the small smoke profile
+	@$(MAKE) --no-print-directory all PROFILE=smoke
+
+stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort
+
+$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/01_synthetic_ehr.ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC)
+	$(PY) -m compendium run 01_synthetic_ehr --profile $(PROFILE)
+
+check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
+	$(PY) -m compendium check-params $(PROFILE)
+
+venv: $(STAMP) ## create .venv from requirements.lock (done automatically by other targets)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: $(STAMP) ## run the test suite (unit, property, integration)
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+bench: $(STAMP) ## run the benchmarks; results in build/bench/*.json
+	$(PY) -m benchmarks.synth
+
+lock: ## re-resolve requirements.in into requirements.lock and environment.yml
+	rm -rf build/lock-venv && $(PYTHON_BOOT) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet -r requirements.in
+	build/lock-venv/bin/pip freeze --all | $(PYTHON_BOOT) -m compendium.lockfile freeze
+	$(PYTHON_BOOT) -m compendium.lockfile env
+	rm -rf build/lock-venv
+
+clean: ## remove build/PROFILE (keeps .venv)
+	rm -rf $(BUILD)
+
+help: ## list the targets
+	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILES) (default: default)"

@@ -1,0 +1,154 @@
+"""Parameter profiles (params/<profile>.yaml): the typed schema and its loader.
+
+A profile is validated in full before any work starts. An unknown key, a
+value of the wrong type or one out of range stops the run with a
+`ParamsError` naming the file and the dotted key, e.g.
+`params/default.yaml: synthetic.sites.halland.patients: Input should be
+greater than or equal to 50 (got 10)`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_synth.sites import SITE_NAMES, SiteProfile, site_profile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_DIR = REPO_ROOT / "params"
+
+
+class ParamsError(ValueError):
+    """A parameter file is missing, unreadable or breaks the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticSite(_Strict):
+    """One synthetic hospital: a known site (or a new one built from a template) plus overrides."""
+
+    template: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyntheticParams(_Strict):
+    sites: dict[str, SyntheticSite]
+
+    @field_validator("sites")
+    @classmethod
+    def _at_least_two(cls, sites: dict[str, SyntheticSite]) -> dict[str, SyntheticSite]:
+        if len(sites) < 2:
+            raise ValueError(f"a federation needs at least two sites, got {list(sites)}")
+        return sites
+
+
+class CohortParams(_Strict):
+    study_start: dt.date = dt.date(2016, 1, 1)
+    study_end: dt.date = dt.date(2021, 12, 31)
+    followup_end: dt.date = dt.date(2022, 12, 31)
+    one_index_per_patient: bool = True
+    test_fraction: Annotated[float, Field(ge=0.05, le=0.5)] = 0.3
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CohortParams":
+        if not self.study_start <= self.study_end <= self.followup_end:
+            raise ValueError("need study_start <= study_end <= followup_end")
+        return self
+
+
+class Profile(_Strict):
+    """A whole parameter profile. Later stages add their sections here."""
+
+    profile: str
+    description: str = ""
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
+    synthetic: SyntheticParams
+    cohort: CohortParams = CohortParams()
+
+    def site_profiles(self) -> dict[str, SiteProfile]:
+        """Return each synthetic site's full, validated profile."""
+        return {
+            name: site_profile(name, site.overrides, site.template)
+            for name, site in self.synthetic.sites.items()
+        }
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self.synthetic.sites)
+
+
+def _format_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in (*([prefix] if prefix else []), *item["loc"]))
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not in the schema; check the spelling)"
+        given = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{loc}: {message}{shown}")
+    return lines
+
+
+def validate_profile(data: Any, source: str) -> Profile:
+    """Return the validated Profile for parsed YAML `data`; raise ParamsError naming `source`."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(f"{source}: " + f"\n{source}: ".join(_format_errors(error))) from None
+    problems = []
+    for name, site in profile.synthetic.sites.items():
+        if site.template is None and name not in SITE_NAMES:
+            problems.append(f"synthetic.sites.{name}: unknown site; known sites are {list(SITE_NAMES)}, "
+                            "or give `template: <known site>`")
+            continue
+        if site.template is not None and site.template not in SITE_NAMES:
+            problems.append(f"synthetic.sites.{name}.template: unknown site {site.template!r}; "
+                            f"known sites are {list(SITE_NAMES)}")
+            continue
+        try:
+            site_profile(name, site.overrides, site.template)
+        except ValidationError as error:
+            problems.extend(_format_errors(error, f"synthetic.sites.{name}.overrides"))
+    codes = [p.site_code for p in (profile.site_profiles().values() if not problems else [])]
+    if len(set(codes)) != len(codes):
+        problems.append("synthetic.sites: two sites share a site_code; give each a distinct overrides.site_code")
+    if problems:
+        raise ParamsError(f"{source}: " + f"\n{source}: ".join(problems))
+    return profile
+
+
+def load_params(path: str | Path) -> Profile:
+    """Return the validated profile in `path` (a YAML file)."""
+    path = Path(path)
+    shown = _shown(path)
+    if not path.is_file():
+        available = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+        raise ParamsError(f"{shown}: no such parameter file; profiles in params/: {available}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{shown}: not valid YAML ({error})") from None
+    profile = validate_profile(data, shown)
+    if profile.profile != path.stem:
+        raise ParamsError(f"{shown}: profile: must equal the file name {path.stem!r} (got {profile.profile!r})")
+    return profile
+
+
+def profile_path(name: str) -> Path:
+    """Return the YAML path of the named profile."""
+    return PARAMS_DIR / f"{name}.yaml"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

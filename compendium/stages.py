@@ -1,0 +1,140 @@
+"""The pipeline's stages and the runner that executes one with papermill.
+
+A stage run: validate the profile (before any work), execute the stage's
+notebook with papermill into a private staging folder, write the stage's
+manifest there, then swap the staging folder into place as
+`build/<profile>/<stage>/`. The executed notebook is kept under
+`build/<profile>/notebooks/` with its HTML rendering. A failed run leaves the
+previous artifacts untouched and no partial folder behind; the failed
+notebook goes to `build/<profile>/logs/` for diagnosis.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compendium import artifacts
+from compendium.params import REPO_ROOT, load_params, profile_path
+
+BUILD_ROOT = REPO_ROOT / "build"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: its notebook, the packages it runs, the stages it reads."""
+
+    name: str
+    title: str
+    packages: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+
+    @property
+    def notebook(self) -> Path:
+        return REPO_ROOT / "notebooks" / f"{self.name}.ipynb"
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("01_synthetic_ehr", "Synthetic EHR and cohort", ("data_synth", "compendium")),
+    )
+}
+
+
+class StageError(RuntimeError):
+    """A stage could not run (missing upstream artifacts, a failed notebook)."""
+
+
+def stage_dir(profile: str, stage: str, build_root: Path = BUILD_ROOT) -> Path:
+    return Path(build_root) / profile / stage
+
+
+def source_files(stage: Stage) -> list[Path]:
+    """Return the files whose change makes the stage stale: notebook and package sources."""
+    files = [stage.notebook]
+    for package in stage.packages:
+        files.extend(sorted((REPO_ROOT / package).rglob("*.py")))
+    return files
+
+
+def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progress: bool = True) -> Path:
+    """Run one stage for a profile and return its artifact folder."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages: {list(STAGES)}")
+    stage = STAGES[name]
+    params_file = profile_path(profile_name)
+    profile = load_params(params_file)  # fails here, before any work, on a bad profile
+    profile_root = Path(build_root) / profile_name
+    upstream_inputs = []
+    for upstream in stage.upstream:
+        folder = profile_root / upstream
+        if not (folder / MANIFEST).is_file():
+            raise StageError(f"stage {name} needs {upstream} first: {artifacts.relative(folder)} has no "
+                             f"{MANIFEST}; run `make all PROFILE={profile_name}`")
+        upstream_inputs.extend(artifacts.files_under(folder))
+
+    profile_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=profile_root))
+    notebooks_dir = profile_root / "notebooks"
+    started = time.perf_counter()
+    try:
+        executed_path = staging / f".{name}.executed.ipynb"
+        try:
+            papermill.execute_notebook(
+                str(stage.notebook), str(executed_path),
+                parameters={"params_path": artifacts.relative(params_file), "output_dir": str(staging),
+                            "build_dir": str(profile_root)},
+                cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3", log_output=False,
+            )
+        except papermill.PapermillExecutionError as error:
+            log = profile_root / "logs" / f"{name}.failed.ipynb"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            if executed_path.exists():
+                shutil.copyfile(executed_path, log)
+            raise StageError(f"stage {name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
+                             f"(the failed notebook is {artifacts.relative(log)})") from None
+        wall = time.perf_counter() - started
+        if not (staging / SUMMARY).is_file():
+            raise StageError(f"stage {name} wrote no {SUMMARY}")
+        outputs = [p for p in artifacts.files_under(staging)]
+        record = artifacts.manifest(
+            stage=name, profile=profile_name, seed=profile.seed,
+            parameters=profile.model_dump(mode="json"),
+            inputs=artifacts.file_records([params_file, *source_files(stage), *upstream_inputs]),
+            outputs=artifacts.file_records(outputs, root=staging),
+            wall_seconds=wall,
+        )
+        artifacts.write_json(staging / MANIFEST, record)
+
+        notebook = nbformat.read(executed_path, as_version=4)
+        html, _ = HTMLExporter(embed_images=True).from_notebook_node(notebook)
+        executed_path.unlink()
+        notebooks_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.atomic_write(notebooks_dir / f"{name}.ipynb", lambda tmp: nbformat.write(notebook, tmp))
+        artifacts.atomic_write(notebooks_dir / f"{name}.html", lambda tmp: tmp.write_text(html))
+        _swap_into_place(staging, stage_dir(profile_name, name, build_root))
+        (profile_root / "logs" / f"{name}.failed.ipynb").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stage_dir(profile_name, name, build_root)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Replace target by staging with two renames; the old folder is removed afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,286 @@
+"""The data card: aggregate, disclosure-controlled descriptions of each site's cohort.
+
+Every table here is built from counts and quantiles, never from records,
+and every count below 5 (or whose complement is below 5) is suppressed.
+Plots draw from these aggregates, not from raw rows.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from compendium.disclosure import MIN_CELL, count_cell, count_percent_cell, is_small
+from data_synth.cohort import FEATURES, LABEL, Attrition
+
+ATTRITION_STEPS = {
+    "persons": "persons in the OMOP extract",
+    "hf_index_stays_in_window": "inpatient stays with heart failure as main diagnosis in the study window",
+    "index_stays_considered": "first such stay per patient",
+    "excluded_under_18": "excluded: under 18",
+    "excluded_died_in_hospital": "excluded: died in hospital",
+    "excluded_transfer_out": "excluded: transferred to another hospital",
+    "excluded_against_advice": "excluded: left against medical advice",
+    "excluded_short_followup": "excluded: under 30 days of follow-up",
+    "cohort": "index stays in the cohort",
+    "readmitted_30d": "readmitted within 30 days",
+}
+
+#: Published anchors for the data card (CALIBRATION.md): quantity -> (how to
+#: compute it from a cohort, published value, source).
+PUBLISHED_ANCHORS: dict[str, tuple[str, str]] = {
+    "age, median": ("80 [71-87] national register; 77 [69-84] SwedeHF", "SwedeHF; national patient register"),
+    "women, %": ("46.5% national register; 38% SwedeHF", "SwedeHF; national patient register"),
+    "length of stay, median days": ("5 [3-9]", "SwedeHF"),
+    "30-day readmission, %": ("20.3% (Sahlgrenska/Ostra 2016); 18-20% target", "Wideqvist et al. 2021, ESC Heart Failure"),
+    "NT-proBNP, median ng/L": ("3,682 [1,654-8,593] at discharge", "SwedeHF"),
+    "eGFR, median": ("about 60 [43-80]", "SwedeHF"),
+    "sodium, median mmol/L": ("140 [137-142]", "SwedeHF"),
+    "haemoglobin, median g/L": ("119-132", "SwedeHF"),
+    "LVEF missing, %": ("43% in Halland", "Davidge et al. 2022, BMJ Open"),
+    "diabetes, %": ("23-27%", "national register and SwedeHF"),
+    "COPD, %": ("12-14%", "national register"),
+    "atrial fibrillation, %": ("45-55%", "national register and SwedeHF"),
+    "on beta-blocker at discharge, %": ("85%", "SwedeHF"),
+    "on MRA at discharge, %": ("40%", "SwedeHF"),
+}
+
+
+def attrition_table(attrition: dict[str, Attrition]) -> pd.DataFrame:
+    """Return the attrition steps (rows) by site (columns), small counts suppressed."""
+    rows = {}
+    for site, counts in attrition.items():
+        values = asdict(counts)
+        rows[site] = [count_cell(values[step]) for step in ATTRITION_STEPS]
+    return pd.DataFrame(rows, index=list(ATTRITION_STEPS.values()))
+
+
+def _median_iqr(values: pd.Series, decimals: int = 0) -> str:
+    values = values.dropna()
+    if len(values) < MIN_CELL:
+        return "n<5"
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return f"{q2:,.{decimals}f} [{q1:,.{decimals}f}-{q3:,.{decimals}f}]"
+
+
+def table_one(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return Table 1: each variable by site, n (%) or median [IQR] and % missing."""
+    rows = []
+    rows.append(("index stays, n", {s: count_cell(len(c)) for s, c in cohorts.items()}))
+    rows.append(("readmitted within 30 days, n (%)",
+                 {s: count_percent_cell(int(c[LABEL].sum()), len(c)) for s, c in cohorts.items()}))
+    for feature in FEATURES:
+        if feature.kind == "binary":
+            label = f"{feature.name}, n (%)"
+            cells = {s: count_percent_cell(int(c[feature.name].sum()), len(c)) for s, c in cohorts.items()}
+        else:
+            label = f"{feature.name}, median [IQR]"
+            decimals = 1 if feature.name in ("potassium",) else 0
+            cells = {s: _median_iqr(c[feature.name], decimals) for s, c in cohorts.items()}
+        rows.append((label, cells))
+        missing = {s: int(c[feature.name].isna().sum()) for s, c in cohorts.items()}
+        if any(missing.values()):
+            rows.append((f"{feature.name} missing, n (%)",
+                         {s: count_percent_cell(missing[s], len(c)) for s, c in cohorts.items()}))
+    return pd.DataFrame({label: cells for label, cells in rows}).T
+
+
+def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return each anchored quantity per site next to its published value and source."""
+    def pct(c, col):
+        return f"{100 * c[col].mean():.1f}%"
+
+    def med(c, col, d=0):
+        return f"{c[col].median():,.{d}f}"
+
+    compute = {
+        "age, median": lambda c: med(c, "age"),
+        "women, %": lambda c: pct(c, "female"),
+        "length of stay, median days": lambda c: med(c, "los_days"),
+        "30-day readmission, %": lambda c: pct(c, LABEL),
+        "NT-proBNP, median ng/L": lambda c: med(c, "nt_probnp"),
+        "eGFR, median": lambda c: med(c, "egfr"),
+        "sodium, median mmol/L": lambda c: med(c, "sodium"),
+        "haemoglobin, median g/L": lambda c: med(c, "haemoglobin"),
+        "LVEF missing, %": lambda c: f"{100 * c['lvef'].isna().mean():.1f}%",
+        "diabetes, %": lambda c: pct(c, "diabetes"),
+        "COPD, %": lambda c: pct(c, "copd"),
+        "atrial fibrillation, %": lambda c: pct(c, "atrial_fibrillation"),
+        "on beta-blocker at discharge, %": lambda c: pct(c, "on_beta_blocker"),
+        "on MRA at discharge, %": lambda c: pct(c, "on_mra"),
+    }
+    rows = []
+    for quantity, (published, source) in PUBLISHED_ANCHORS.items():
+        row = {"quantity": quantity}
+        row.update({f"synthetic {site}": compute[quantity](c) for site, c in cohorts.items()})
+        row.update({"published": published, "source": source})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("quantity")
+
+
+def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5) -> pd.DataFrame:
+    """Return patients per site, sex and age band; small counts become NaN (not plotted)."""
+    frames = []
+    for site, c in cohorts.items():
+        lower = (np.floor(c["age"] / band) * band).astype(int)
+        counts = (pd.DataFrame({"age_band": lower, "sex": np.where(c["female"] == 1, "women", "men")})
+                  .value_counts().rename("patients").reset_index())
+        counts["site"] = site
+        frames.append(counts)
+    out = pd.concat(frames, ignore_index=True).sort_values(["site", "sex", "age_band"])
+    out["patients"] = out["patients"].astype(float).mask(is_small(out["patients"].to_numpy()))
+    lowers = sorted(out["age_band"].unique())
+    labels = {a: f"{a}-{a + band - 1}" for a in lowers}
+    out["age_band"] = pd.Categorical(out["age_band"].map(labels), categories=[labels[a] for a in lowers], ordered=True)
+    return out.reset_index(drop=True)
+
+
+def readmission_rates(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return each site's readmission rate with a 95% Wilson interval."""
+    rows = []
+    for site, c in cohorts.items():
+        n, k = len(c), int(c[LABEL].sum())
+        low, high = wilson_interval(k, n)
+        rows.append({"site": site, "index_stays": n, "readmitted": k, "rate": k / n, "low": low, "high": high})
+    return pd.DataFrame(rows)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Return the Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (np.nan, np.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def missingness(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return the share of index stays missing each variable (variables with any missing)."""
+    names = [f.name for f in FEATURES]
+    table = pd.DataFrame({site: c[names].isna().mean() for site, c in cohorts.items()})
+    return table.loc[table.max(axis=1) > 0]
+
+
+def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
+    """Return the most frequent ICD-10 main diagnoses per site as shares of main-diagnosis records."""
+    frames = []
+    for site, omop_dir in omop_dirs.items():
+        table = pq.read_table(Path(omop_dir) / "condition_occurrence.parquet",
+                              columns=["condition_source_value", "condition_status_concept_id"])
+        main = table.filter(pc.equal(table.column("condition_status_concept_id"), 32902))
+        counts = pc.value_counts(main.column("condition_source_value").combine_chunks()).to_pylist()
+        frame = pd.DataFrame([(c["values"], c["counts"]) for c in counts], columns=["code", "records"])
+        frame = frame.loc[~is_small(frame["records"].to_numpy())]
+        frame["share"] = frame["records"] / frame["records"].sum()
+        frame["site"] = site
+        frames.append(frame.sort_values("records", ascending=False).head(top))
+    return pd.concat(frames, ignore_index=True)
+
+
+def standardised_differences(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return the standardised mean difference of each variable between the first two sites."""
+    (a_name, a), (b_name, b) = list(cohorts.items())[:2]
+    rows = []
+    for feature in FEATURES:
+        x, y = a[feature.name].dropna(), b[feature.name].dropna()
+        pooled_sd = np.sqrt((x.var() + y.var()) / 2)
+        smd = (x.mean() - y.mean()) / pooled_sd if pooled_sd > 0 else 0.0
+        rows.append({"variable": feature.name, "smd": smd})
+    out = pd.DataFrame(rows)
+    out.attrs["comparison"] = f"{a_name} minus {b_name}"
+    return out.sort_values("smd", key=np.abs, ascending=False)
+
+
+def variables_table() -> pd.DataFrame:
+    """Return every modelling variable with its source and why it is needed."""
+    return pd.DataFrame([{"variable": f.name, "type": f.kind, "source": f.source, "why it is needed": f.why}
+                         for f in FEATURES]).set_index("variable")
+
+
+# ---------------------------------------------------------------- figures
+def plot_age_sex(counts: pd.DataFrame):
+    """Return a bar chart of patients per age band and sex, one panel per site."""
+    import seaborn as sns
+
+    grid = sns.catplot(data=counts, x="age_band", y="patients", hue="sex", col="site", kind="bar",
+                       height=3.4, aspect=1.5, sharey=False)
+    grid.set_xticklabels(rotation=60)
+    grid.set_axis_labels("age band (years)", "index stays")
+    grid.figure.suptitle("Age and sex at the index stay (bands under 5 patients not shown)", y=1.04)
+    return grid.figure
+
+
+def plot_readmission_rates(rates: pd.DataFrame):
+    """Return a point plot of readmission rate per site with 95% Wilson intervals."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    y = np.arange(len(rates))
+    ax.errorbar(rates["rate"] * 100, y, xerr=[(rates["rate"] - rates["low"]) * 100, (rates["high"] - rates["rate"]) * 100],
+                fmt="o", capsize=4)
+    ax.axvspan(18, 20.3, color="grey", alpha=0.15, label="published 18-20.3%")
+    ax.set_yticks(y, rates["site"])
+    ax.set_xlabel("readmitted within 30 days (%)")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_ylim(-0.6, len(rates) - 0.4)
+    return fig
+
+
+def plot_missingness(table: pd.DataFrame):
+    """Return a heatmap of the share of index stays missing each variable, by site."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(4.5, 0.45 * len(table) + 1))
+    sns.heatmap(table * 100, annot=True, fmt=".0f", cmap="Blues", vmin=0, vmax=100,
+                cbar_kws={"label": "% missing"}, ax=ax)
+    ax.set_title("Missing values at the index stay (%)")
+    return fig
+
+
+def plot_code_frequency(codes: pd.DataFrame):
+    """Return bar charts of the most frequent main diagnoses per site."""
+    import seaborn as sns
+
+    grid = sns.catplot(data=codes, y="code", x="share", col="site", kind="bar", height=3.6, aspect=1.1,
+                       sharey=False, color="C0")
+    grid.set_axis_labels("share of main-diagnosis records", "ICD-10-SE")
+    grid.figure.suptitle("Coding habits: most frequent main diagnoses", y=1.04)
+    return grid.figure
+
+
+def plot_standardised_differences(smd: pd.DataFrame):
+    """Return a dot plot of standardised mean differences between two sites."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(smd) + 1))
+    ordered = smd.iloc[::-1]
+    ax.scatter(ordered["smd"], ordered["variable"], color="C1")
+    ax.axvline(0, color="black", linewidth=0.8)
+    for edge in (-0.1, 0.1):
+        ax.axvline(edge, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel(f"standardised mean difference ({smd.attrs.get('comparison', '')})")
+    ax.set_title("Site differences (|SMD| > 0.1 is a notable imbalance)")
+    return fig
+
+
+def plot_lab_distributions(cohorts: dict[str, pd.DataFrame], labs=("nt_probnp", "egfr", "sodium", "haemoglobin")):
+    """Return box plots (quartiles and whiskers, no individual points) of labs by site."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(labs), figsize=(3.0 * len(labs), 3.2))
+    for ax, lab in zip(axes, labs):
+        frame = pd.concat([pd.DataFrame({"site": s, lab: c[lab]}) for s, c in cohorts.items()], ignore_index=True)
+        sns.boxplot(data=frame, x="site", y=lab, hue="site", showfliers=False, ax=ax, legend=False)
+        if lab == "nt_probnp":
+            ax.set_yscale("log")
+        ax.set_xlabel("")
+    fig.suptitle("Laboratory values during the index stay (whiskers at 1.5 IQR; no individual values shown)")
+    fig.tight_layout()
+    return fig
