@@ -7,7 +7,8 @@ PYTHON_BOOT ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-BUILD := build/$(PROFILE)
+BUILD_ROOT ?= build
+BUILD := $(BUILD_ROOT)/$(PROFILE)
 PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
 
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
@@ -34,7 +35,7 @@ smoke: ## the whole pipeline with the small smoke profile
 stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort
 
 $(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/01_synthetic_ehr.ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC)
-	$(PY) -m compendium run 01_synthetic_ehr --profile $(PROFILE)
+	$(PY) -m compendium run 01_synthetic_ehr --profile $(PROFILE) --build-root $(BUILD_ROOT)
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from compendium.params import ParamsError, load_params, profile_path
-from compendium.stages import STAGES, StageError, run_stage
+from compendium.stages import BUILD_ROOT, STAGES, StageError, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run one stage for a profile")
     run.add_argument("stage", choices=list(STAGES))
     run.add_argument("--profile", default="default")
+    run.add_argument("--build-root", type=Path, default=BUILD_ROOT, help="where build/<profile>/ lives")
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check-params", help="validate a profile and exit")
     check.add_argument("profile")
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = load_params(profile_path(args.profile))
             print(f"params/{args.profile}.yaml is valid: sites {list(profile.sites)}, seed {profile.seed}")
         else:
-            folder = run_stage(args.stage, args.profile, progress=not args.no_progress)
+            folder = run_stage(args.stage, args.profile, build_root=args.build_root, progress=not args.no_progress)
             print(f"{args.stage}: artifacts in {folder}")
         return 0
     except (ParamsError, StageError) as error:

@@ -63,8 +63,12 @@ def source_files(stage: Stage) -> list[Path]:
     return files
 
 
-def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progress: bool = True) -> Path:
-    """Run one stage for a profile and return its artifact folder."""
+def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progress: bool = True,
+              params_file: Path | None = None) -> Path:
+    """Run one stage for a profile and return its artifact folder.
+
+    `params_file` defaults to params/<profile_name>.yaml; tests point it elsewhere.
+    """
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -72,7 +76,7 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages: {list(STAGES)}")
     stage = STAGES[name]
-    params_file = profile_path(profile_name)
+    params_file = Path(params_file) if params_file is not None else profile_path(profile_name)
     profile = load_params(params_file)  # fails here, before any work, on a bad profile
     profile_root = Path(build_root) / profile_name
     upstream_inputs = []

@@ -338,6 +338,8 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
         setattr(attrition, name, int(hit.sum()))
         keep &= ~rule
     index = index.loc[keep].reset_index(drop=True)
+    if index.empty:
+        return pd.DataFrame(columns=[c for c in COHORT_COLUMNS if c != SPLIT]), attrition
 
     # Per-visit lookup of each index row, by person (index rows are unique per person
     # only when one_index_per_patient; otherwise join on person and filter).
@@ -503,7 +505,8 @@ def build_cohort(omop_dir: Path, spec: CohortSpec, site: str, progress: bool = T
     frames, total = [], Attrition()
     for chunk in tqdm(_person_batches(omop_dir), desc=f"cohort {site}", unit="batch", disable=not progress):
         frame, attrition = build_chunk(chunk, spec, site)
-        frames.append(frame)
+        if len(frame):
+            frames.append(frame)
         total.add(attrition)
     cohort = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COHORT_COLUMNS[:-1]))
     if cohort.empty:

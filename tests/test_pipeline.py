@@ -1,0 +1,91 @@
+"""Stage 1 end to end with the smoke profile: artifacts, provenance, determinism, failure."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compendium.artifacts import sha256
+from compendium.params import PARAMS_DIR
+from compendium.stages import StageError, run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = "01_synthetic_ehr"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    return root, run_stage(STAGE, "smoke", build_root=root, progress=False)
+
+
+def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
+    root, folder = smoke_run
+    assert folder == root / "smoke" / STAGE
+    for site in ("halland", "sahlgrenska"):
+        assert (folder / "sites" / site / "cohort.parquet").is_file()
+        assert len(list((folder / "sites" / site / "omop").glob("*.parquet"))) == 6
+    summary = json.loads((folder / "summary.json").read_text())
+    for site, values in summary["sites"].items():
+        assert values["index_admissions"] > 500
+        assert 0.1 < values["readmission_rate"] < 0.35
+        assert 0.6 < values["oracle_auroc_test"] < 0.95
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["seed"] == 20220923 and manifest["profile"] == "smoke"
+    assert manifest["parameters"]["synthetic"]["sites"]["halland"]["overrides"]["patients"] == 1500
+    inputs = {record["path"]: record["sha256"] for record in manifest["inputs"]}
+    assert inputs["params/smoke.yaml"] == sha256(PARAMS_DIR / "smoke.yaml")
+    assert "data_synth/generator.py" in inputs and "notebooks/01_synthetic_ehr.ipynb" in inputs
+    outputs = {record["path"]: record["sha256"] for record in manifest["outputs"]}
+    assert outputs["sites/halland/cohort.parquet"] == sha256(folder / "sites/halland/cohort.parquet")
+    assert manifest["packages"]["pyarrow"] and manifest["wall_seconds"] > 0
+    assert len(manifest["git"]["commit"] or "x" * 40) == 40
+    html = (root / "smoke" / "notebooks" / f"{STAGE}.html").read_text()
+    assert html.count("data:image/png") >= 6  # every figure rendered inline
+    assert sorted(p.name for p in (folder / "figures").glob("*.png")) == [
+        "age_sex.png", "code_frequency.png", "lab_distributions.png", "missingness.png",
+        "readmission_rates.png", "site_differences.png"]
+    assert not list((root / "smoke").glob(".*")), "staging folders left behind"
+
+
+def test_same_profile_and_seed_give_identical_artifacts(smoke_run, tmp_path):
+    _, first = smoke_run
+    second = run_stage(STAGE, "smoke", build_root=tmp_path, progress=False)
+    a = json.loads((first / "manifest.json").read_text())["outputs"]
+    b = json.loads((second / "manifest.json").read_text())["outputs"]
+    data = lambda records: {r["path"]: r["sha256"] for r in records if not r["path"].startswith("figures/")}  # noqa: E731
+    assert data(a) == data(b)
+    assert (first / "summary.json").read_text() == (second / "summary.json").read_text()
+
+
+def test_failed_stage_leaves_no_half_written_output(tmp_path):
+    params = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    params["profile"] = "broken"
+    # A study window with no index stays makes the cohort builder fail inside the notebook.
+    params["cohort"].update(study_start="2000-01-01", study_end="2001-12-31", followup_end="2002-12-31")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(params).replace("'", ""))
+    root = tmp_path / "build"
+    with pytest.raises(StageError, match="no index heart-failure stays"):
+        run_stage(STAGE, "broken", build_root=root, progress=False, params_file=path)
+    assert not (root / "broken" / STAGE).exists()
+    assert not (root / "broken" / "notebooks").exists()
+    assert not list((root / "broken").glob(".*"))
+    assert (root / "broken" / "logs" / f"{STAGE}.failed.ipynb").is_file()
+
+
+def test_make_skips_an_up_to_date_stage(tmp_path):
+    def make(*args):
+        return subprocess.run(["make", "--no-print-directory", *args, "PROFILE=smoke", f"BUILD_ROOT={tmp_path}"],
+                              cwd=REPO, capture_output=True, text=True)
+
+    built = make("stage1")
+    assert built.returncode == 0, built.stderr
+    assert make("-q", "stage1").returncode == 0  # nothing to do
+    for changed in ("data_synth/cohort.py", "params/smoke.yaml", "notebooks/01_synthetic_ehr.ipynb"):
+        assert make("-q", "-W", changed, "stage1").returncode == 1, f"{changed} should make stage 1 stale"
+    assert make("-q", "-W", "README.md", "stage1").returncode == 0
