@@ -212,7 +212,7 @@ def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients
         ed_visits_180d=ed_visits, los_days=los, comorbidity=comorbidity, ef_reduced=ef_reduced,
         nt_probnp=nt_probnp, egfr=egfr, sodium=sodium, potassium=potassium,
         haemoglobin=haemoglobin, systolic_bp=systolic_bp, on_ras_or_arni=on_ras_or_arni,
-        on_beta_blocker=on_beta_blocker, on_mra=on_mra,
+        on_beta_blocker=on_beta_blocker, on_mra=on_mra, unrecorded_risk=rng.standard_normal(n),
     )
     true_risk = sigmoid(readmission_logit(state, profile.readmission_logit_shift))
 

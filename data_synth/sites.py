@@ -180,7 +180,7 @@ DEFAULT_SITES: dict[str, SiteProfile] = {
         against_advice=0.01,
         planned_readmission=0.04,
         arni_share=0.20,
-        readmission_logit_shift=0.05,
+        readmission_logit_shift=0.0,
     ),
 }
 
