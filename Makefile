@@ -21,12 +21,14 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 
 COMPENDIUM_SRC := $(shell find compendium -name '*.py' 2>/dev/null)
 SYNTH_SRC := $(shell find data_synth -name '*.py' 2>/dev/null)
+FL_SRC := $(shell find fl -name '*.py' 2>/dev/null)
 
 STAGE1 := $(BUILD)/01_synthetic_ehr/manifest.json
+STAGE2 := $(BUILD)/02_local_baselines/manifest.json
 
-.PHONY: all smoke test bench help venv lock clean stage1 check-params
+.PHONY: all smoke test bench help venv lock clean stage1 stage2 check-params
 
-all: $(STAGE1) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
+all: $(STAGE2) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
 	@echo "done: artifacts in $(BUILD)/, rendered notebooks in $(BUILD)/notebooks/"
 
 smoke: ## the whole pipeline with the small smoke profile
@@ -36,6 +38,11 @@ stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort
 
 $(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/01_synthetic_ehr.ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC)
 	$(PY) -m compendium run 01_synthetic_ehr --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+stage2: $(STAGE2) ## stage 2: local baselines, pooled model, references
+
+$(STAGE2): $(STAGE1) notebooks/02_local_baselines.ipynb $(FL_SRC)
+	$(PY) -m compendium run 02_local_baselines --profile $(PROFILE) --build-root $(BUILD_ROOT)
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE)

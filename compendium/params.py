@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,6 +61,24 @@ class CohortParams(_Strict):
         return self
 
 
+class BaselineParams(_Strict):
+    """Stage 2: local and pooled baselines, references, evaluation and the site-size sweep."""
+
+    model: Literal["logistic", "mlp"] = "logistic"
+    mlp_hidden: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=4)] = [32]
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 300
+    batch_size: Annotated[int, Field(ge=8)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    patience: Annotated[int, Field(ge=1)] | None = 20
+    validation_fraction: Annotated[float, Field(ge=0.05, le=0.5)] = 0.2
+    bootstrap_resamples: Annotated[int, Field(ge=50, le=20_000)] = 1000
+    gbt_max_iter: Annotated[int, Field(ge=10, le=5000)] = 200
+    gbt_learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.05
+    sweep_fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.1, 0.25, 0.5, 1.0]
+    sweep_repeats: Annotated[int, Field(ge=1, le=50)] = 3
+
+
 class Profile(_Strict):
     """A whole parameter profile. Later stages add their sections here."""
 
@@ -69,6 +87,7 @@ class Profile(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
     synthetic: SyntheticParams
     cohort: CohortParams = CohortParams()
+    baselines: BaselineParams = BaselineParams()
 
     def site_profiles(self) -> dict[str, SiteProfile]:
         """Return each synthetic site's full, validated profile."""

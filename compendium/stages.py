@@ -43,6 +43,8 @@ STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage("01_synthetic_ehr", "Synthetic EHR and cohort", ("data_synth", "compendium")),
+        Stage("02_local_baselines", "Local baselines and references", ("fl", "data_synth", "compendium"),
+              upstream=("01_synthetic_ehr",)),
     )
 }
 

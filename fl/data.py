@@ -1,0 +1,200 @@
+"""The single door to one site's cohort, and the preprocessing every model shares.
+
+`load_site(site_dir, split)` returns one site's features and labels for a
+split, validated. Preprocessing is a fitted-transformer-like
+`PreprocessingSpec` whose statistics are passed in, never learned silently:
+they come from `FeatureStatistics` (counts, sums and sums of squares per
+feature), which are aggregates a site can share. Summing the statistics of
+several sites gives exactly the pooled statistics, which is how the
+federated stage standardises without pooling records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_synth.cohort import COHORT_FILE, FEATURES, LABEL, SPLIT
+from data_synth.generator import GROUND_TRUTH_FILE
+
+FEATURE_NAMES = tuple(f.name for f in FEATURES)
+SPLITS = ("train", "test")
+#: Skewed laboratory values are modelled on the log scale (a fixed transform, not learned).
+LOG_FEATURES = ("nt_probnp", "creatinine")
+#: Variables that may be missing get a 0/1 "was missing" indicator beside the imputed value.
+MISSING_INDICATOR_FEATURES = ("nt_probnp", "creatinine", "egfr", "sodium", "potassium", "haemoglobin",
+                              "systolic_bp", "lvef")
+STAGE1_SITES = Path("01_synthetic_ehr") / "sites"
+
+
+class CohortError(ValueError):
+    """A cohort file is missing, unreadable or breaks the cohort's contract."""
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    """One site's rows of one split: features (raw), labels, subgroup columns."""
+
+    site: str
+    split: str
+    features: pd.DataFrame
+    labels: np.ndarray
+    sex: pd.Series
+    age_band: pd.Series
+    lace: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def site_dir(build_dir: Path, site: str) -> Path:
+    """Return a site's stage-1 folder within a profile's build folder."""
+    return Path(build_dir) / STAGE1_SITES / site
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Return the age band used for subgroup results: <70, 70-79, 80-89, 90+."""
+    return pd.cut(age, bins=[-np.inf, 70, 80, 90, np.inf], right=False,
+                  labels=["<70", "70-79", "80-89", "90+"]).astype(str)
+
+
+def read_cohort(path: Path) -> pd.DataFrame:
+    """Return a validated cohort table (every feature, the label in {0,1}, the split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CohortError(f"cohort file {path} does not exist; run stage 1 (`make all`) first")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise CohortError(f"{path} is not a readable Parquet file ({error})") from None
+    missing = [c for c in (*FEATURE_NAMES, LABEL, SPLIT) if c not in table.column_names]
+    if missing:
+        raise CohortError(f"{path}: missing column(s) {missing}")
+    frame = table.to_pandas()
+    labels = frame[LABEL]
+    bad = ~labels.isin([0, 1])
+    if bad.any():
+        examples = labels[bad].head(3).tolist()
+        raise CohortError(f"{path}: column {LABEL!r} must be 0 or 1; {int(bad.sum())} row(s) are not, "
+                          f"e.g. {examples} at rows {list(labels[bad].index[:3])}")
+    bad_split = ~frame[SPLIT].isin(SPLITS)
+    if bad_split.any():
+        raise CohortError(f"{path}: column {SPLIT!r} must be one of {SPLITS}; found "
+                          f"{sorted(frame.loc[bad_split, SPLIT].astype(str).unique())[:3]}")
+    for name in FEATURE_NAMES:
+        if not pd.api.types.is_numeric_dtype(frame[name]):
+            raise CohortError(f"{path}: feature {name!r} must be numeric, found {frame[name].dtype}")
+    return frame
+
+
+def load_site(directory: Path, split: str, site: str | None = None) -> SiteSplit:
+    """Return one site's features and labels for `split` ("train", "test" or "all")."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+    directory = Path(directory)
+    frame = read_cohort(directory / COHORT_FILE)
+    if split != "all":
+        frame = frame.loc[frame[SPLIT] == split]
+    frame = frame.reset_index(drop=True)
+    return SiteSplit(
+        site=site or directory.name, split=split,
+        features=frame[list(FEATURE_NAMES)].astype(float),
+        labels=frame[LABEL].to_numpy(dtype=np.int64),
+        sex=pd.Series(np.where(frame["female"] == 1, "women", "men")),
+        age_band=age_band(frame["age"]),
+        lace=frame["lace_score"].to_numpy(dtype=float) if "lace_score" in frame else np.full(len(frame), np.nan),
+    )
+
+
+def load_oracle_risk(directory: Path, split: str = "test") -> np.ndarray:
+    """Return the generator's true risk for the site's `split` rows, in load_site's row order."""
+    directory = Path(directory)
+    cohort = read_cohort(directory / COHORT_FILE)
+    if split != "all":
+        cohort = cohort.loc[cohort[SPLIT] == split]
+    truth_path = directory / GROUND_TRUTH_FILE
+    if not truth_path.is_file():
+        raise CohortError(f"{truth_path} not found: the oracle exists only for synthetic data")
+    truth = pd.read_parquet(truth_path, columns=["visit_occurrence_id", "true_risk_30d"])
+    merged = cohort[["index_visit_id"]].merge(truth, left_on="index_visit_id", right_on="visit_occurrence_id",
+                                               how="left", validate="one_to_one")
+    if merged["true_risk_30d"].isna().any():
+        raise CohortError(f"{truth_path}: some index stays have no ground truth")
+    return merged["true_risk_30d"].to_numpy()
+
+
+# ---------------------------------------------------------------- preprocessing
+def _transformed(features: pd.DataFrame) -> pd.DataFrame:
+    out = features[list(FEATURE_NAMES)].astype(float).copy()
+    for name in LOG_FEATURES:
+        out[name] = np.log(out[name].clip(lower=1e-3))
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Per-feature aggregates of one or more sites: non-missing count, sum, sum of squares, rows."""
+
+    count: np.ndarray
+    total: np.ndarray
+    total_squares: np.ndarray
+    rows: int
+
+    @classmethod
+    def of(cls, features: pd.DataFrame) -> "FeatureStatistics":
+        """Return the statistics of a feature table (after the fixed log transforms)."""
+        values = _transformed(features).to_numpy()
+        present = ~np.isnan(values)
+        filled = np.where(present, values, 0.0)
+        return cls(present.sum(axis=0).astype(float), filled.sum(axis=0), (filled**2).sum(axis=0), len(values))
+
+    def __add__(self, other: "FeatureStatistics") -> "FeatureStatistics":
+        return FeatureStatistics(self.count + other.count, self.total + other.total,
+                                 self.total_squares + other.total_squares, self.rows + other.rows)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        return {"count": self.count, "total": self.total, "total_squares": self.total_squares,
+                "rows": np.array([self.rows], dtype=float)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "FeatureStatistics":
+        return cls(np.asarray(arrays["count"], float), np.asarray(arrays["total"], float),
+                   np.asarray(arrays["total_squares"], float), int(np.asarray(arrays["rows"]).ravel()[0]))
+
+
+@dataclass(frozen=True)
+class PreprocessingSpec:
+    """Mean imputation, standardisation and missing indicators with given statistics."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_statistics(cls, stats: FeatureStatistics) -> "PreprocessingSpec":
+        if np.any(stats.count == 0):
+            empty = [n for n, c in zip(FEATURE_NAMES, stats.count) if c == 0]
+            raise ValueError(f"no observed values for feature(s) {empty}: cannot standardise")
+        mean = stats.total / stats.count
+        variance = np.maximum(stats.total_squares / stats.count - mean**2, 0.0)
+        std = np.sqrt(variance)
+        return cls(mean=mean, std=np.where(std > 0, std, 1.0))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return FEATURE_NAMES + tuple(f"{name}_missing" for name in MISSING_INDICATOR_FEATURES)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.output_names)
+
+    def transform(self, features: pd.DataFrame) -> np.ndarray:
+        """Return the model matrix (float32): standardised features, imputed at the mean, plus indicators."""
+        values = _transformed(features).to_numpy()
+        missing = np.isnan(values)
+        standardised = np.where(missing, 0.0, (values - self.mean) / self.std)
+        indicator_columns = [FEATURE_NAMES.index(name) for name in MISSING_INDICATOR_FEATURES]
+        return np.hstack([standardised, missing[:, indicator_columns].astype(float)]).astype(np.float32)
