@@ -17,10 +17,16 @@ STAGE = "01_synthetic_ehr"
 pytestmark = pytest.mark.integration
 
 
+BASELINES = "02_local_baselines"
+REQUIRED_MODELS = ("local_halland", "local_sahlgrenska", "pooled", "oracle", "lace", "gbt")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
-    return root, run_stage(STAGE, "smoke", build_root=root, progress=False)
+    folder = run_stage(STAGE, "smoke", build_root=root, progress=False)
+    run_stage(BASELINES, "smoke", build_root=root, progress=False)
+    return root, folder
 
 
 def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
@@ -53,13 +59,51 @@ def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
 
 
 def test_same_profile_and_seed_give_identical_artifacts(smoke_run, tmp_path):
-    _, first = smoke_run
-    second = run_stage(STAGE, "smoke", build_root=tmp_path, progress=False)
-    a = json.loads((first / "manifest.json").read_text())["outputs"]
-    b = json.loads((second / "manifest.json").read_text())["outputs"]
-    data = lambda records: {r["path"]: r["sha256"] for r in records if not r["path"].startswith("figures/")}  # noqa: E731
-    assert data(a) == data(b)
-    assert (first / "summary.json").read_text() == (second / "summary.json").read_text()
+    first_root, _ = smoke_run
+    for stage in (STAGE, BASELINES):
+        first = first_root / "smoke" / stage
+        second = run_stage(stage, "smoke", build_root=tmp_path, progress=False)
+        a = json.loads((first / "manifest.json").read_text())["outputs"]
+        b = json.loads((second / "manifest.json").read_text())["outputs"]
+        data = lambda records: {r["path"]: r["sha256"] for r in records if not r["path"].startswith("figures/")}  # noqa: E731
+        assert data(a) == data(b), stage
+        assert (first / "summary.json").read_text() == (second / "summary.json").read_text()
+
+
+def test_baselines_summary_has_every_model_on_every_site(smoke_run):
+    root, _ = smoke_run
+    folder = root / "smoke" / BASELINES
+    summary = json.loads((folder / "summary.json").read_text())
+    for model in REQUIRED_MODELS:
+        for site in ("halland", "sahlgrenska"):
+            auroc = summary["auroc"][model][site]
+            assert auroc["lower"] <= auroc["value"] <= auroc["upper"], (model, site)
+            assert 0.5 < auroc["value"] < 1.0
+            if model != "lace":
+                assert 0 < summary["brier"][model][site] < 0.25
+                assert 0.3 < summary["calibration_slope"][model][site] < 2.0
+    assert summary["size_sweep"]["site"] == "halland"  # the smaller hospital
+    manifest = json.loads((folder / "manifest.json").read_text())
+    upstream = [r["path"] for r in manifest["inputs"] if "01_synthetic_ehr" in r["path"]]
+    assert any(p.endswith("halland/cohort.parquet") for p in upstream)
+    html = (root / "smoke" / "notebooks" / f"{BASELINES}.html").read_text()
+    assert html.count("data:image/png") >= 5
+
+
+def test_stage_two_refuses_to_run_without_stage_one(tmp_path):
+    with pytest.raises(StageError, match="needs 01_synthetic_ehr first"):
+        run_stage(BASELINES, "smoke", build_root=tmp_path, progress=False)
+    assert not (tmp_path / "smoke" / BASELINES).exists()
+
+
+@pytest.mark.integration
+def test_default_profile_meets_the_quality_bars(tmp_path):
+    """Oracle not beaten by any fitted model; pooling not worse than a site's own model (issue 3)."""
+    run_stage(STAGE, "default", build_root=tmp_path, progress=False)
+    folder = run_stage(BASELINES, "default", build_root=tmp_path, progress=False)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["checks"] == {site: {"oracle_not_beaten": True, "pooled_not_worse": True}
+                                 for site in ("halland", "sahlgrenska")}
 
 
 def test_failed_stage_leaves_no_half_written_output(tmp_path):
