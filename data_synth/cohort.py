@@ -222,9 +222,12 @@ def _sorted_by_person(name: str, path: Path) -> bool:
     """Return True if the table's person_id column never decreases (read column-only, streamed)."""
     if path.suffix == ".parquet":
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=1_000_000, columns=["person_id"])
+            parquet = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as error:
             raise omop.OmopValidationError(f"{name}: {path} is not a readable Parquet file ({error})") from error
+        # Checked here: iter_batches silently drops a requested column that is absent.
+        omop.check_columns(name, parquet.schema_arrow, str(path))
+        batches = parquet.iter_batches(batch_size=1_000_000, columns=["person_id"])
     else:
         batches = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(
             include_columns=["person_id"], column_types={"person_id": pa.int64()}))
@@ -261,6 +264,12 @@ def _person_batches(omop_dir: Path) -> Iterator[dict[str, pa.Table]]:
                 for name, stream in streams.items():
                     chunk[name] = stream.rest() if not more else stream.take_through(max_id)
                 yield chunk
+        elif not more:
+            # The persons ended exactly on a batch boundary: rows left in the other tables
+            # belong to no person; hand them out so the foreign-key check sees them.
+            leftovers = {name: stream.rest() for name, stream in streams.items()}
+            if any(table.num_rows for table in leftovers.values()):
+                yield {"person": omop.arrow_schema("person", dictionary_codes=True).empty_table(), **leftovers}
         if not more:
             return
 
@@ -319,7 +328,7 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
         "birth": _birth_days(people),
     })
     index = index.merge(person_frame, on="person_id", how="left", validate="many_to_one")
-    index["age"] = (index["admit"] - index["birth"]) / 365.25
+    index["age"] = _age_years(index["birth"].to_numpy(), index["admit"].to_numpy())
     death = chunk["death"]
     death_day = pd.Series(_days(death.column("death_date")), index=death.column("person_id").to_numpy())
     death_day = death_day.groupby(level=0).min()
@@ -341,8 +350,8 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
     if index.empty:
         return pd.DataFrame(columns=[c for c in COHORT_COLUMNS if c != SPLIT]), attrition
 
-    # Per-visit lookup of each index row, by person (index rows are unique per person
-    # only when one_index_per_patient; otherwise join on person and filter).
+    # Each event is paired with every index row of its person (one row per person
+    # when one_index_per_patient), then filtered by that row's dates.
     features = _visit_features(index, v_person, v_concept, v_start, v_from, inpatient)
     features.update(_condition_features(index, conditions, spec))
     features.update(_lab_features(index, chunk["measurement"]))
@@ -383,26 +392,41 @@ def _birth_days(people: pa.Table) -> np.ndarray:
     return months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) + day - 1
 
 
-def _rows_of(index: pd.DataFrame, person: np.ndarray) -> np.ndarray:
-    """Return, for each event row, the position of its person's index row (-1 if none)."""
+def _age_years(birth: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """Return the age in completed years on day `on` (days since 1970), exact on birthdays."""
+    def year_and_month_day(days):
+        date = np.asarray(days, dtype=np.int64).astype("datetime64[D]")
+        month = date.astype("datetime64[M]")
+        month_day = (month.astype(np.int64) % 12) * 32 + (date - month.astype("datetime64[D]")).astype(np.int64)
+        return date.astype("datetime64[Y]").astype(np.int64), month_day
+
+    (birth_year, birth_md), (year, md) = year_and_month_day(birth), year_and_month_day(on)
+    return (year - birth_year - (md < birth_md)).astype(np.float64)
+
+
+def _rows_of(index: pd.DataFrame, person: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (event positions, index rows): each event paired with every index row of its person.
+
+    `index` is sorted by person_id; with one index stay per patient each event has at most one pair.
+    """
     order = index["person_id"].to_numpy()
-    pos = np.searchsorted(order, person)
-    pos = np.clip(pos, 0, max(len(order) - 1, 0))
-    hit = (order[pos] == person) if len(order) else np.zeros(person.shape, bool)
-    return np.where(hit, pos, -1)
+    first = np.searchsorted(order, person, side="left")
+    count = np.searchsorted(order, person, side="right") - first
+    events = np.repeat(np.arange(person.shape[0]), count)
+    rows = np.repeat(first, count) + np.arange(events.size) - np.repeat(np.cumsum(count) - count, count)
+    return events, rows
 
 
 def _count_per_index(rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(rows[mask & (rows >= 0)], minlength=n).astype(np.float64)
+    return np.bincount(rows[mask], minlength=n).astype(np.float64)
 
 
 def _visit_features(index, v_person, v_concept, v_start, v_from, inpatient) -> dict[str, np.ndarray]:
     n = len(index)
-    rows = _rows_of(index, v_person)
-    safe = np.maximum(rows, 0)
-    admit = index["admit"].to_numpy()[safe]
-    prior = inpatient & (v_start < admit) & (v_start >= admit - 365)
-    ed = (v_concept == vocab.VISIT_EMERGENCY) & (v_start < admit) & (v_start >= admit - 180)
+    events, rows = _rows_of(index, v_person)
+    start, admit = v_start[events], index["admit"].to_numpy()[rows]
+    prior = inpatient[events] & (start < admit) & (start >= admit - 365)
+    ed = (v_concept[events] == vocab.VISIT_EMERGENCY) & (start < admit) & (start >= admit - 180)
     return {
         "prior_admissions_365d": _count_per_index(rows, prior, n),
         "ed_visits_180d": _count_per_index(rows, ed, n),
@@ -411,28 +435,26 @@ def _visit_features(index, v_person, v_concept, v_start, v_from, inpatient) -> d
 
 def _condition_features(index: pd.DataFrame, conditions: pa.Table, spec: CohortSpec) -> dict[str, np.ndarray]:
     n = len(index)
-    rows = _rows_of(index, conditions.column("person_id").to_numpy())
-    safe = np.maximum(rows, 0)
-    day = _days(conditions.column("condition_start_date"))
-    in_window = (day <= index["discharge"].to_numpy()[safe]) & (day >= index["admit"].to_numpy()[safe] - spec.lookback_days)
+    events, rows = _rows_of(index, conditions.column("person_id").to_numpy())
+    day = _days(conditions.column("condition_start_date"))[events]
+    in_window = (day <= index["discharge"].to_numpy()[rows]) & (day >= index["admit"].to_numpy()[rows] - spec.lookback_days)
     code = conditions.column("condition_source_value")
     return {
-        name: (_count_per_index(rows, in_window & _codes_matching(code, vocab.COMORBIDITY_PREFIXES[name]), n) > 0).astype(np.int8)
+        name: (_count_per_index(rows, in_window & _codes_matching(code, vocab.COMORBIDITY_PREFIXES[name])[events], n) > 0).astype(np.int8)
         for name in COMORBIDITIES
     }
 
 
 def _lab_features(index: pd.DataFrame, measurements: pa.Table) -> dict[str, np.ndarray]:
     n = len(index)
-    rows = _rows_of(index, measurements.column("person_id").to_numpy())
-    safe = np.maximum(rows, 0)
-    day = _days(measurements.column("measurement_date"))
-    value = measurements.column("value_as_number").to_numpy(zero_copy_only=False).astype(float)
-    during_stay = (rows >= 0) & (day >= index["admit"].to_numpy()[safe]) & (day <= index["discharge"].to_numpy()[safe]) & ~np.isnan(value)
+    events, rows = _rows_of(index, measurements.column("person_id").to_numpy())
+    day = _days(measurements.column("measurement_date"))[events]
+    value = measurements.column("value_as_number").to_numpy(zero_copy_only=False).astype(float)[events]
+    during_stay = (day >= index["admit"].to_numpy()[rows]) & (day <= index["discharge"].to_numpy()[rows]) & ~np.isnan(value)
     code = measurements.column("measurement_source_value")
     out = {}
     for lab, (loinc, _unit) in vocab.LAB_LOINC.items():
-        take = during_stay & _codes_matching(code, (), (loinc,))
+        take = during_stay & _codes_matching(code, (), (loinc,))[events]
         result = np.full(n, np.nan)
         if take.any():
             r, d, v = rows[take], day[take], value[take]
@@ -448,17 +470,16 @@ def _lab_features(index: pd.DataFrame, measurements: pa.Table) -> dict[str, np.n
 
 def _drug_features(index: pd.DataFrame, drugs: pa.Table) -> dict[str, np.ndarray]:
     n = len(index)
-    rows = _rows_of(index, drugs.column("person_id").to_numpy())
-    safe = np.maximum(rows, 0)
-    discharge = index["discharge"].to_numpy()[safe]
-    start = _days(drugs.column("drug_exposure_start_date"))
-    end = _days(drugs.column("drug_exposure_end_date"))
+    events, rows = _rows_of(index, drugs.column("person_id").to_numpy())
+    discharge = index["discharge"].to_numpy()[rows]
+    start = _days(drugs.column("drug_exposure_start_date"))[events]
+    end = _days(drugs.column("drug_exposure_end_date"))[events]
     active = (start <= discharge) & (end >= discharge)
     code = drugs.column("drug_source_value")
-    arni = _codes_matching(code, vocab.DRUG_ATC["arni"][0])
+    arni = _codes_matching(code, vocab.DRUG_ATC["arni"][0])[events]
     out = {}
     for drug, (prefixes, _codes) in vocab.DRUG_ATC.items():
-        hit = _codes_matching(code, prefixes)
+        hit = _codes_matching(code, prefixes)[events]
         if drug == "ace_inhibitor_or_arb":
             hit &= ~arni
         out[f"on_{drug}"] = (_count_per_index(rows, active & hit, n) > 0).astype(np.int8)
@@ -467,11 +488,10 @@ def _drug_features(index: pd.DataFrame, drugs: pa.Table) -> dict[str, np.ndarray
 
 def _readmitted(index, v_person, v_start, v_concept, v_from, inpatient) -> np.ndarray:
     n = len(index)
-    rows = _rows_of(index, v_person)
-    safe = np.maximum(rows, 0)
-    days_after = v_start - index["discharge"].to_numpy()[safe]
+    events, rows = _rows_of(index, v_person)
+    days_after = v_start[events] - index["discharge"].to_numpy()[rows]
     unplanned = (v_concept == vocab.VISIT_EMERGENCY_INPATIENT) | (v_from == vocab.ADMITTED_FROM_EMERGENCY_ROOM)
-    hit = inpatient & unplanned & (days_after >= 1) & (days_after <= READMISSION_WINDOW_DAYS)
+    hit = (inpatient & unplanned)[events] & (days_after >= 1) & (days_after <= READMISSION_WINDOW_DAYS)
     return (_count_per_index(rows, hit, n) > 0).astype(np.int8)
 
 

@@ -188,7 +188,13 @@ def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
                 array = pc.dictionary_encode(array)
             array = array.cast(pa.dictionary(pa.int32(), pa.string()))
         elif array.type != col.type:
-            array = array.cast(col.type)
+            try:
+                array = array.cast(col.type)
+            except pa.ArrowInvalid:
+                # e.g. an int64 concept id beyond the int32 range: show the rows that do not fit.
+                fits = pc.equal(array.cast(col.type, safe=False).cast(array.type), array)
+                _fail(table_name, col.name, f"value does not fit {col.type}", table,
+                      pc.invert(pc.fill_null(fits, True)).to_numpy(zero_copy_only=False))
         arrays.append(array)
     return pa.table(arrays, schema=arrow_schema(table_name, dictionary_codes=True))
 
