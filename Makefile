@@ -60,6 +60,7 @@ test: $(STAMP) ## run the test suite (unit, property, integration)
 
 bench: $(STAMP) ## run the benchmarks; results in build/bench/*.json
 	$(PY) -m benchmarks.synth
+	$(PY) -m benchmarks.pipeline
 
 lock: ## re-resolve requirements.in into requirements.lock and environment.yml
 	rm -rf build/lock-venv && $(PYTHON_BOOT) -m venv build/lock-venv
