@@ -156,28 +156,32 @@ def _codes_matching(array: pa.ChunkedArray | pa.Array, prefixes: tuple[str, ...]
     return hit[indices] & pc.is_valid(array.indices).to_numpy(zero_copy_only=False)
 
 
+def _open_batches(name: str, path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Return record batches of `columns` of an OMOP table file (Parquet or CSV), columns checked first."""
+    if path.suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise omop.OmopValidationError(f"{name}: {path} is not a readable Parquet file ({error})") from error
+        # Checked here: iter_batches silently drops a requested column that is absent.
+        omop.check_columns(name, parquet.schema_arrow, str(path))
+        return parquet.iter_batches(batch_size=batch_rows, columns=columns)
+    types = {c.name: c.type for c in omop.TABLES[name] if c.name in columns}
+    try:
+        return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+                              convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns,
+                                                                   strings_can_be_null=True))
+    except (pa.ArrowInvalid, KeyError) as error:
+        raise omop.OmopValidationError(f"{name}: cannot read {path} as CSV ({error})") from error
+
+
 class _TableStream:
     """Record batches of one OMOP table, handed out by person_id upper bound."""
 
     def __init__(self, name: str, path: Path, batch_rows: int = 200_000):
         self.name = name
         self.path = path
-        columns = [c.name for c in omop.TABLES[name]]
-        if path.suffix == ".parquet":
-            try:
-                parquet = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, OSError) as error:
-                raise omop.OmopValidationError(f"{name}: {path} is not a readable Parquet file ({error})") from error
-            omop.check_columns(name, parquet.schema_arrow, str(path))
-            self._batches = parquet.iter_batches(batch_size=batch_rows, columns=columns)
-        else:
-            types = {c.name: c.type for c in omop.TABLES[name]}
-            try:
-                reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(
-                    column_types=types, include_columns=columns, strings_can_be_null=True))
-            except pa.ArrowInvalid as error:
-                raise omop.OmopValidationError(f"{name}: cannot read {path} as CSV ({error})") from error
-            self._batches = reader
+        self._batches = _open_batches(name, path, [c.name for c in omop.TABLES[name]], batch_rows)
         self._buffer: pa.Table | None = None
         self._rows_seen = 0
         self._exhausted = False
@@ -220,17 +224,7 @@ class _TableStream:
 
 def _sorted_by_person(name: str, path: Path) -> bool:
     """Return True if the table's person_id column never decreases (read column-only, streamed)."""
-    if path.suffix == ".parquet":
-        try:
-            parquet = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise omop.OmopValidationError(f"{name}: {path} is not a readable Parquet file ({error})") from error
-        # Checked here: iter_batches silently drops a requested column that is absent.
-        omop.check_columns(name, parquet.schema_arrow, str(path))
-        batches = parquet.iter_batches(batch_size=1_000_000, columns=["person_id"])
-    else:
-        batches = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(
-            include_columns=["person_id"], column_types={"person_id": pa.int64()}))
+    batches = _open_batches(name, path, ["person_id"], 1_000_000)
     last = None
     try:
         for batch in batches:
