@@ -79,6 +79,23 @@ class BaselineParams(_Strict):
     sweep_repeats: Annotated[int, Field(ge=1, le=50)] = 3
 
 
+class FederatedParams(_Strict):
+    """Stage 3: federated training between the sites (model class from `baselines.model`)."""
+
+    strategies: Annotated[list[Literal["fedavg", "fedprox", "fedadam"]], Field(min_length=1)] = [
+        "fedavg", "fedprox", "fedadam"]
+    rounds: Annotated[int, Field(ge=1, le=1000)] = 30
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 5
+    batch_size: Annotated[int, Field(ge=8)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    proximal_mu: Annotated[float, Field(gt=0, le=100)] = 0.1
+    server_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    engine: Literal["direct", "ray"] = "direct"
+    round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+
+
 class Profile(_Strict):
     """A whole parameter profile. Later stages add their sections here."""
 
@@ -88,6 +105,7 @@ class Profile(_Strict):
     synthetic: SyntheticParams
     cohort: CohortParams = CohortParams()
     baselines: BaselineParams = BaselineParams()
+    federated: FederatedParams = FederatedParams()
 
     def site_profiles(self) -> dict[str, SiteProfile]:
         """Return each synthetic site's full, validated profile."""

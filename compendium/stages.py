@@ -45,6 +45,8 @@ STAGES: dict[str, Stage] = {
         Stage("01_synthetic_ehr", "Synthetic EHR and cohort", ("data_synth", "compendium")),
         Stage("02_local_baselines", "Local baselines and references", ("fl", "data_synth", "compendium"),
               upstream=("01_synthetic_ehr",)),
+        Stage("03_federated_training", "Federated training with Flower", ("fl", "data_synth", "compendium"),
+              upstream=("01_synthetic_ehr", "02_local_baselines")),
     )
 }
 

@@ -1,6 +1,8 @@
 """Figures shared by the modelling stages: forest plots, calibration, decision curves, sweeps."""
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -87,4 +89,80 @@ def size_sweep(sweep: pd.DataFrame):
     ax.set_ylabel(f"AUROC on {sweep['site'].iloc[0]} test split")
     ax.set_title("What more data is worth: the case for collaboration")
     fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, reference: dict[str, float] | None = None):
+    """Return test AUROC per round for each strategy, one panel per site (dashed: pooled model)."""
+    sites = list(dict.fromkeys(history["site"]))
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.4 * len(sites), 3.6), sharey=True)
+    for ax, site in zip(np.atleast_1d(axes), sites):
+        rows = history.loc[history["site"] == site]
+        sns.lineplot(data=rows, x="round", y="auroc", hue="strategy", ax=ax, legend=ax is np.atleast_1d(axes)[-1])
+        if reference and site in reference:
+            ax.axhline(reference[site], color="grey", linestyle="--", linewidth=1, label="pooled (stage 2)")
+        ax.set_title(f"test site: {site}")
+        ax.set_ylabel("AUROC of the global model")
+    np.atleast_1d(axes)[-1].legend(fontsize="small")
+    fig.suptitle("Learning curves: the global model after each round, scored at each hospital")
+    fig.tight_layout()
+    return fig
+
+
+def bytes_per_round(table: pd.DataFrame):
+    """Return bytes sent per round and direction, summed over sites, for each strategy."""
+    totals = table.groupby(["strategy", "round", "direction"], as_index=False)["bytes"].sum()
+    grid = sns.relplot(data=totals, x="round", y="bytes", hue="direction", col="strategy", kind="line",
+                       marker="o", height=3.0, aspect=1.2)
+    grid.set_axis_labels("round (0: federated statistics)", "bytes on the wire")
+    grid.figure.suptitle("What crosses the site boundary, per round (from the message ledger)", y=1.05)
+    return grid.figure
+
+
+def _describe_records(rows: pd.DataFrame) -> str:
+    parts = []
+    for records in rows["records"]:
+        for record in records:
+            if record["kind"] == "arrays":
+                shapes = ", ".join("x".join(str(d) for d in e["shape"]) + f" {e['dtype']}" for e in record["entries"])
+                parts.append(f"{record['key']}: {shapes}")
+            else:
+                names = f"{record['key']}: " + ", ".join(e["name"] for e in record["entries"])
+                parts.append(textwrap.fill(names, width=46, subsequent_indent="  "))
+        break
+    return "\n".join(parts)
+
+
+def data_flow(ledger: pd.DataFrame):
+    """Return a diagram of who sends what to whom, drawn from the ledger of one run."""
+    from matplotlib.patches import FancyBboxPatch
+
+    sites = sorted(ledger["site"].unique())
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 6)
+    ax.axis("off")
+
+    def box(x, y, text, colour):
+        ax.add_patch(FancyBboxPatch((x - 1.3, y - 0.45), 2.6, 0.9, boxstyle="round,pad=0.05", fc=colour, ec="black"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=10, weight="bold")
+
+    box(5.5, 5.2, "aggregation server\n(ServerApp)", "#dde8f5")
+    positions = np.linspace(2.0, 9.0, len(sites))
+    first_train = ledger.loc[ledger["message_type"] == "train"]
+    round_one = first_train["round"].min() if len(first_train) else 1
+    for x, site in zip(positions, sites):
+        box(x, 0.8, f"{site}\n(ClientApp + records)", "#f5e6dd")
+        out = ledger.loc[(ledger["site"] == site) & (ledger["direction"] == "server->site") & (ledger["message_type"] == "train") & (ledger["round"] == round_one)]
+        back = ledger.loc[(ledger["site"] == site) & (ledger["direction"] == "site->server") & (ledger["message_type"] == "train") & (ledger["round"] == round_one)]
+        ax.annotate("", xy=(x - 0.25, 1.3), xytext=(5.5 - 0.3, 4.7), arrowprops=dict(arrowstyle="->", color="C0"))
+        ax.annotate("", xy=(5.5 + 0.3, 4.7), xytext=(x + 0.25, 1.3), arrowprops=dict(arrowstyle="->", color="C1"))
+        per_round = ledger.loc[ledger["site"] == site].groupby("direction")["bytes"].sum()
+        text = (f"down, per round: {int(out['bytes'].sum()):,} B\n{_describe_records(out)}\n\n"
+                f"up, per round: {int(back['bytes'].sum()):,} B\n{_describe_records(back)}\n"
+                f"whole run: {int(per_round.sum()):,} B")
+        ax.text(x, 3.0, text, ha="center", va="center", fontsize=7, family="monospace",
+                bbox=dict(fc="white", ec="grey", alpha=0.9))
+    ax.text(5.5, 5.85, "Patient records never leave a hospital; only the items listed travel "
+            "(weights, aggregate statistics, settings, metrics).", ha="center", fontsize=9)
     return fig

@@ -87,18 +87,23 @@ def fit(model: nn.Module, features: np.ndarray, labels: np.ndarray, config: Trai
     batch = config.batch_size or x.shape[0]
     for epoch in range(config.epochs):
         model.train()
-        order = torch.randperm(x.shape[0], generator=generator) if batch < x.shape[0] else torch.arange(x.shape[0])
+        full_batch = batch >= x.shape[0]
+        order = None if full_batch else torch.randperm(x.shape[0], generator=generator)
         epoch_loss = 0.0
         for start in range(0, x.shape[0], batch):
-            rows = order[start:start + batch]
+            if full_batch:
+                xb, yb = x, y  # no copy of the whole data set each epoch
+            else:
+                rows = order[start:start + batch]
+                xb, yb = x[rows], y[rows]
             optimizer.zero_grad()
-            loss = _loss(model, x[rows], y[rows])
+            loss = _loss(model, xb, yb)
             if config.proximal_mu > 0:
                 loss = loss + config.proximal_mu / 2 * sum(
                     ((p - r) ** 2).sum() for p, r in zip(model.parameters(), reference))
             loss.backward()
             optimizer.step()
-            epoch_loss += float(loss.detach()) * len(rows)
+            epoch_loss += float(loss.detach()) * xb.shape[0]
         history.train_loss.append(epoch_loss / x.shape[0])
         if x_val is not None:
             model.eval()

@@ -1,0 +1,95 @@
+"""Federated learning maths, without Flower: local updates, aggregation, the plain FedAvg loop.
+
+The Flower ClientApp calls `local_update` and the plain loop below calls the
+same function with the same seeds in the same order, so the two must agree
+to float precision (a test checks it); the plain loop is also the speed
+floor the Flower run is benchmarked against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zlib
+
+import numpy as np
+
+from fl.models import build_model, get_weights, set_weights
+from fl.train import TrainConfig, fit
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+def round_seed(seed: int, site: str, server_round: int) -> int:
+    """Return the seed of one site's local training in one round (a site knows only its own name)."""
+    return int(np.random.SeedSequence([seed, 7, zlib.crc32(site.encode()), server_round]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a site sends back after a round: new weights, its example count, its training loss."""
+
+    weights: list[np.ndarray]
+    num_examples: int
+    train_loss: float
+
+
+def local_update(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], features: np.ndarray,
+                 labels: np.ndarray, config: TrainConfig, seed: int) -> LocalResult:
+    """Return the weights after `config.epochs` local epochs starting from the global `weights`."""
+    model = build_model(kind, features.shape[1], seed=0, hidden=hidden)
+    set_weights(model, weights)
+    reference = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
+    history = fit(model, features, labels, config, seed=seed, reference=reference)
+    return LocalResult(get_weights(model), int(len(labels)), float(history.train_loss[-1]))
+
+
+def weighted_average(results: list[LocalResult]) -> list[np.ndarray]:
+    """Return the example-weighted average of the sites' weights (FedAvg aggregation).
+
+    The arithmetic mirrors Flower's `aggregate_arrayrecords` (float32 arrays
+    times Python-float factors n_i / n, summed in site order), so the plain
+    loop and the Flower run agree to float32 rounding.
+    """
+    total = sum(r.num_examples for r in results)
+    factors = [r.num_examples / total for r in results]
+    averaged = [w * factors[0] for w in results[0].weights]
+    for result, factor in zip(results[1:], factors[1:]):
+        for layer, w in zip(averaged, result.weights):
+            layer += w * factor
+    return averaged
+
+
+def fedavg_plain(kind: str, hidden: tuple[int, ...], initial: list[np.ndarray],
+                 sites: dict[str, tuple[np.ndarray, np.ndarray]], rounds: int, config: TrainConfig,
+                 seed: int) -> tuple[list[np.ndarray], list[float]]:
+    """Return the final global weights and per-round mean local loss of an in-process FedAvg run.
+
+    Sites are aggregated in name order, as the Flower server does.
+    """
+    weights = [w.copy() for w in initial]
+    losses = []
+    for server_round in range(1, rounds + 1):
+        results = [
+            local_update(kind, hidden, weights, x, y, config, round_seed(seed, site, server_round))
+            for site, (x, y) in sorted(sites.items())
+        ]
+        weights = weighted_average(results)
+        total = sum(r.num_examples for r in results)
+        losses.append(sum(r.train_loss * r.num_examples for r in results) / total)
+    return weights, losses
+
+
+def initial_weights(kind: str, n_features: int, hidden: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    """Return the global model's starting weights (the same for every strategy)."""
+    return get_weights(build_model(kind, n_features, seed=seed, hidden=hidden))
+
+
+def predict(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Return predicted probabilities of a model given by its weights."""
+    from fl.train import predict_proba
+
+    model = build_model(kind, features.shape[1], seed=0, hidden=hidden)
+    set_weights(model, weights)
+    return predict_proba(model, features)
+
+

@@ -1,0 +1,104 @@
+"""A hospital's ClientApp: answers the statistics query, trains locally, evaluates locally.
+
+The site's data folder comes from the node configuration (`site-dir`, as a
+SuperNode is started in a deployment) or, in simulation, from the run
+configuration's `site-dirs` list indexed by `partition-id`. Data are read
+only through `fl.data.load_site`. Replies carry weights and aggregates; no
+record-level value leaves the site.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl import evaluate as ev
+from data_synth.cohort import COHORT_FILE
+from fl.data import FEATURE_NAMES, FeatureStatistics, SiteSplit, load_site
+from fl.federated import local_update, round_seed
+from fl.flower import protocol as p
+from fl.models import build_model, set_weights
+from fl.train import predict_proba
+
+app = ClientApp()
+
+
+def site_directory(context: Context) -> Path:
+    """Return this node's site folder, from node config (deployment) or partition id (simulation)."""
+    if "site-dir" in context.node_config:
+        return Path(str(context.node_config["site-dir"]))
+    dirs = str(context.run_config.get("site-dirs", "")).split(",")
+    partition = int(context.node_config.get("partition-id", -1))
+    if not 0 <= partition < len(dirs) or not dirs[partition]:
+        raise ValueError(f"node has neither node config 'site-dir' nor a site for partition {partition} "
+                         f"in run config 'site-dirs' ({dirs})")
+    return Path(dirs[partition])
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_site(directory: Path, split: str, modified_ns: int) -> SiteSplit:
+    return load_site(directory, split)
+
+
+def _site(context: Context, split: str) -> SiteSplit:
+    """Return this node's split, read once per process (re-read if the cohort file changes)."""
+    directory = site_directory(context)
+    cohort = directory / COHORT_FILE
+    modified = cohort.stat().st_mtime_ns if cohort.exists() else 0
+    data = _cached_site(directory.resolve(), split, modified) if modified else load_site(directory, split)
+    if len(data) == 0:
+        raise ValueError(f"site {data.site!r} has no {split} rows in {directory}")
+    return data
+
+
+def _site_record(data: SiteSplit) -> ConfigRecord:
+    return ConfigRecord({"site": data.site, "features": list(FEATURE_NAMES)})
+
+
+@app.query("statistics")
+def statistics(msg: Message, context: Context) -> Message:
+    """Reply with the per-feature aggregates of the training split (counts, sums, sums of squares)."""
+    data = _site(context, "train")
+    stats = FeatureStatistics.of(data.features)
+    arrays = ArrayRecord([np.asarray(a, dtype=np.float64) for a in (stats.count, stats.total, stats.total_squares)])
+    content = RecordDict({p.STATISTICS: arrays, p.SITE: _site_record(data),
+                          p.METRICS: MetricRecord({"rows": int(stats.rows)})})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this site's training split and return the new weights."""
+    data = _site(context, "train")
+    config = msg.content[p.CONFIG]
+    spec, train_config, kind, hidden, seed = p.read_settings(config)
+    weights = msg.content[p.ARRAYS].to_numpy_ndarrays()
+    result = local_update(kind, hidden, weights, spec.transform(data.features), data.labels, train_config,
+                          round_seed(seed, data.site, int(config["server-round"])))
+    content = RecordDict({
+        p.ARRAYS: ArrayRecord(result.weights),
+        p.METRICS: MetricRecord({p.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss}),
+        p.SITE: _site_record(data),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
+    data = _site(context, "test")
+    spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG])
+    model = build_model(kind, spec.n_outputs, seed=0, hidden=hidden)
+    set_weights(model, msg.content[p.ARRAYS].to_numpy_ndarrays())
+    probabilities = predict_proba(model, spec.transform(data.features))
+    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(data.labels * np.log(clipped) + (1 - data.labels) * np.log(1 - clipped)))
+    content = RecordDict({
+        p.METRICS: MetricRecord({p.NUM_EXAMPLES: len(data), "test-loss": loss,
+                                 "auroc": float(ev.auroc(data.labels, probabilities))}),
+        p.SITE: _site_record(data),
+    })
+    return Message(content, reply_to=msg)

@@ -1,0 +1,151 @@
+"""Run the pilot's ServerApp and ClientApps on one machine.
+
+Two engines run the very same `server_app.app` and `client_app.app`:
+
+- `direct` (default): a `DirectGrid` delivers each message to the site's
+  ClientApp in this process and hands the reply back, as Flower's
+  simulation runtime does but without its polling loops and actor pool;
+- `ray`: Flower's own simulation engine (`flwr.simulation.run_simulation`,
+  Ray backend).
+
+Flower 1.42's Ray simulation costs seconds to start and tenths of a second
+per round on 2 cores, far above the plain loop for a model this small; the
+benchmark (`make bench`, build/bench/flower.json) measures both engines
+against the plain loop and is the reason `direct` is the default. The
+deployment engine (SuperLink and SuperNodes) runs the same apps across
+machines.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from compendium.params import Profile
+from fl.flower import server_app
+from fl.flower.client_app import app as client_app
+
+SERVER_NODE_ID = 1
+#: Flower's error code for an exception raised inside a ClientApp.
+CLIENT_APP_RAISED_EXCEPTION = 1
+
+
+class DirectGrid(Grid):
+    """A Grid whose nodes are ClientApp contexts in this process; replies come back synchronously."""
+
+    def __init__(self, contexts: dict[int, Context], run_id: int = 1):
+        self.contexts = contexts
+        self.run_id = run_id
+        self._replies: dict[str, Message] = {}
+        self._lock = threading.Lock()
+
+    def set_run(self, run) -> None:  # the run is fixed at construction
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def get_nodes(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            message.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
+            message.metadata.__dict__["_run_id"] = self.run_id
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                reply = client_app(message, context)
+            except Exception as error:  # a site's failure becomes an error reply, as in Flower
+                reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
+                                reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            with self._lock:
+                self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self._lock:
+            return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _run_config(profile_path: Path, strategy: str, output_dir: Path, site_dirs: list[Path]) -> dict:
+    return {"params-path": str(profile_path), "strategy": strategy, "output-dir": str(output_dir),
+            "site-dirs": ",".join(str(d) for d in site_dirs)}
+
+
+def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path) -> server_app.FederationResult:
+    """Run the Flower apps in this process; each node's context names only its own site folder."""
+    # Messages take their run and sender from the process's task identity, as in Flower's engines.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    contexts = {
+        100 + index: Context(run_id=1, node_id=100 + index, node_config={"site-dir": str(site_dir)},
+                             state=RecordDict(), run_config={})
+        for index, site_dir in enumerate(site_dirs)
+    }
+    return server_app.run_federation(DirectGrid(contexts), profile, strategy, output_dir)
+
+
+def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path) -> None:
+    """Run the Flower apps in Flower's Ray simulation engine (one CPU per site)."""
+    import logging
+
+    from flwr.app import Context as FlowerContext
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from compendium.params import load_params
+
+    profile = load_params(profile_path)
+    config = _run_config(profile_path, strategy, output_dir, site_dirs)
+
+    # run_simulation passes no run config to the apps: hand it over through the apps' contexts.
+    wrapped_server = ServerApp()
+
+    @wrapped_server.main()
+    def _main(grid: Grid, context: FlowerContext) -> None:
+        server_app.run_federation(grid, profile, strategy, output_dir)
+
+    from flwr.clientapp import ClientApp
+
+    wrapped_client = ClientApp()
+    for kind in ("train", "evaluate"):
+        getattr(wrapped_client, kind)()(_with_run_config(client_app, config))
+    wrapped_client.query("statistics")(_with_run_config(client_app, config))
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(server_app=wrapped_server, client_app=wrapped_client, num_supernodes=len(site_dirs),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "error", "log_to_driver": False}})
+
+
+def _with_run_config(app, config: dict):
+    def handler(message: Message, context: Context) -> Message:
+        context.run_config.update(config)
+        return app(message, context)
+    return handler
+
+
+def timed(function, *args, **kwargs):
+    """Return (result, seconds) of a call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started

@@ -1,0 +1,58 @@
+"""What travels in the pilot's messages: record keys, settings, and their encoding.
+
+One place defines what a hospital receives and returns, so the ledger test
+and the documentation can say exactly what crosses a site boundary.
+"""
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from fl.data import FEATURE_NAMES, PreprocessingSpec
+from fl.train import TrainConfig
+
+ARRAYS = "arrays"  # model weights (global model out, local model back)
+CONFIG = "config"  # settings from the server
+METRICS = "metrics"  # aggregate metrics back from a site
+STATISTICS = "statistics"  # per-feature counts, sums, sums of squares (query reply)
+SITE = "site"  # the replying site's name and feature list
+QUERY_STATISTICS = "query.statistics"
+
+NUM_EXAMPLES = "num-examples"
+
+
+def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hidden: tuple[int, ...],
+                    seed: int) -> ConfigRecord:
+    """Return the settings a site needs: preprocessing statistics (aggregates), training config, seed."""
+    return ConfigRecord({
+        "spec-mean": [float(v) for v in spec.mean],
+        "spec-std": [float(v) for v in spec.std],
+        "features": list(FEATURE_NAMES),
+        "model": model,
+        "hidden": [int(h) for h in hidden],
+        "local-epochs": int(train.epochs),
+        "batch-size": int(train.batch_size or 0),
+        "learning-rate": float(train.learning_rate),
+        "weight-decay": float(train.weight_decay),
+        "optimizer": train.optimizer,
+        "seed": int(seed),
+    })
+
+
+def read_settings(config: ConfigRecord) -> tuple[PreprocessingSpec, TrainConfig, str, tuple[int, ...], int]:
+    """Return (spec, train config, model kind, hidden sizes, seed) from a settings record."""
+    if list(config["features"]) != list(FEATURE_NAMES):
+        raise ValueError("the server's feature list differs from this site's: "
+                         f"{list(config['features'])} vs {list(FEATURE_NAMES)}")
+    spec = PreprocessingSpec(mean=np.asarray(config["spec-mean"], dtype=float),
+                             std=np.asarray(config["spec-std"], dtype=float))
+    train = TrainConfig(
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]) or None,
+        learning_rate=float(config["learning-rate"]),
+        weight_decay=float(config["weight-decay"]),
+        optimizer=str(config["optimizer"]),
+        patience=None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    return spec, train, str(config["model"]), tuple(int(h) for h in config["hidden"]), int(config["seed"])

@@ -1,0 +1,153 @@
+"""Stage 3: run each federated strategy and compare it with stage 2's models on every site.
+
+The federation itself runs through Flower (`engine`); what this module adds
+is the analyst's view afterwards: scoring the final global model on each
+site's test split (in a deployment each site would do this at home and
+report aggregates), paired comparisons with the local and pooled models,
+and summaries of the message ledger.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from compendium.params import Profile, profile_path
+from fl import evaluate as ev
+from fl.baselines import site_splits
+from fl.data import SiteSplit, site_dir
+from fl.federated import predict
+from fl.flower import engine
+from fl.flower.server_app import LEDGER_FILE, FederationResult
+
+BASELINES = Path("02_local_baselines")
+
+
+@dataclass
+class StrategyRun:
+    """One strategy's federation and its evaluation."""
+
+    result: FederationResult
+    folder: Path
+    predictions: dict[str, np.ndarray]
+    metrics: dict[str, dict]
+    seconds: float
+
+
+def run_strategy(profile: Profile, params_file: Path, strategy: str, build_dir: Path, output_dir: Path) -> FederationResult:
+    """Run one strategy with the profile's engine and return its result."""
+    dirs = [site_dir(build_dir, site) for site in profile.sites]
+    folder = Path(output_dir) / strategy
+    if profile.federated.engine == "ray":
+        engine.run_ray(params_file, strategy, dirs, folder)
+        return load_result(folder, strategy)
+    return engine.run_direct(profile, strategy, dirs, folder)
+
+
+def load_result(folder: Path, strategy: str) -> FederationResult:
+    """Return a FederationResult read back from a strategy's output folder."""
+    from fl.data import PreprocessingSpec
+    from fl.flower.server_app import FINAL_MODEL_FILE, HISTORY_FILE
+
+    saved = np.load(folder / FINAL_MODEL_FILE)
+    weights = [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
+    spec = PreprocessingSpec(saved["spec_mean"], saved["spec_std"])
+    history = json.loads((folder / HISTORY_FILE).read_text())
+    return FederationResult(strategy, weights, spec, history, {}, float("nan"), float("nan"))
+
+
+def run(profile: Profile, build_dir: Path, output_dir: Path, params_file: Path | None = None) -> dict[str, StrategyRun]:
+    """Run every strategy of the profile and score each final model on every site's test split."""
+    params_file = Path(params_file or profile_path(profile.profile))
+    test = site_splits(build_dir, profile.sites, "test")
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 4]))
+    runs = {}
+    for strategy in profile.federated.strategies:
+        result, seconds = engine.timed(run_strategy, profile, params_file, strategy, build_dir, output_dir)
+        predictions = {site: predict(profile.baselines.model, tuple(profile.baselines.mlp_hidden), result.weights,
+                                     result.spec.transform(data.features)) for site, data in test.items()}
+        metrics = {site: ev.evaluate(test[site].labels, p, profile.baselines.bootstrap_resamples, rng)
+                   for site, p in predictions.items()}
+        runs[strategy] = StrategyRun(result, Path(output_dir) / strategy, predictions, metrics, seconds)
+    return runs
+
+
+def baseline_predictions(build_dir: Path) -> pd.DataFrame:
+    """Return stage 2's test predictions (model, test_site, row, label, score)."""
+    return pd.read_parquet(Path(build_dir) / BASELINES / "predictions.parquet")
+
+
+def comparison_table(runs: dict[str, StrategyRun], build_dir: Path, sites: tuple[str, ...]) -> pd.DataFrame:
+    """Return AUROC (CI) per model on each site: federated strategies next to stage 2's models."""
+    stage2 = json.loads((Path(build_dir) / BASELINES / "summary.json").read_text())["auroc"]
+    rows = {}
+    for model in ("oracle", "pooled", *(f"local_{s}" for s in sites)):
+        rows[model] = {site: str(ev.Estimate(**stage2[model][site])) for site in sites}
+    for strategy, run in runs.items():
+        rows[f"federated_{strategy}"] = {site: str(ev.Estimate(**run.metrics[site]["auroc"])) for site in sites}
+    return pd.DataFrame(rows).T
+
+
+def paired_tests(runs: dict[str, StrategyRun], build_dir: Path, test: dict[str, SiteSplit]) -> pd.DataFrame:
+    """Return DeLong tests of each federated model against pooled and each site's own model."""
+    baseline = baseline_predictions(build_dir)
+    rows = []
+    for strategy, run in runs.items():
+        for site, data in test.items():
+            for reference in ("pooled", f"local_{site}"):
+                scores = baseline.loc[(baseline["model"] == reference) & (baseline["test_site"] == site)]
+                scores = scores.sort_values("row")["score"].to_numpy()
+                result = ev.delong_test(data.labels, run.predictions[site], scores)
+                rows.append({"strategy": strategy, "test_site": site, "versus": reference, **result})
+    return pd.DataFrame(rows)
+
+
+def ledger_frame(folder: Path) -> pd.DataFrame:
+    """Return the ledger of one strategy's run as a table (one row per message)."""
+    lines = [json.loads(line) for line in (Path(folder) / LEDGER_FILE).read_text().splitlines()]
+    return pd.DataFrame(lines)
+
+
+def bytes_per_round(runs: dict[str, StrategyRun]) -> pd.DataFrame:
+    """Return bytes per round, direction and site for every strategy."""
+    frames = []
+    for strategy, run in runs.items():
+        ledger = ledger_frame(run.folder)
+        table = ledger.groupby(["round", "direction", "site"], as_index=False)["bytes"].sum()
+        table.insert(0, "strategy", strategy)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+def history_frame(runs: dict[str, StrategyRun]) -> pd.DataFrame:
+    """Return the per-round history (loss, AUROC per site) of every strategy."""
+    frames = [pd.DataFrame(run.result.history).assign(strategy=strategy) for strategy, run in runs.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
+    """Return stage 3's summary.json content."""
+    sites = profile.sites
+    return {
+        "stage": "03_federated_training",
+        "profile": profile.profile,
+        "seed": profile.seed,
+        "engine": profile.federated.engine,
+        "rounds": profile.federated.rounds,
+        "local_epochs": profile.federated.local_epochs,
+        "strategies": list(runs),
+        "auroc": {strategy: {site: run.metrics[site]["auroc"] for site in sites} for strategy, run in runs.items()},
+        "brier": {strategy: {site: run.metrics[site]["brier"] for site in sites} for strategy, run in runs.items()},
+        "bytes_exchanged_per_site": {
+            strategy: {site: int(ledger_frame(run.folder).query("site == @site")["bytes"].sum()) for site in sites}
+            for strategy, run in runs.items()
+        },
+        "messages_per_site": {
+            strategy: {site: int((ledger_frame(run.folder)["site"] == site).sum()) for site in sites}
+            for strategy, run in runs.items()
+        },
+        "wall_seconds": {strategy: round(run.seconds, 2) for strategy, run in runs.items()},
+    }
