@@ -138,9 +138,11 @@ def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir
 
 
 def _with_run_config(app, config: dict):
+    """Return a handler that calls `app` with `config` added to the (read-only) run config."""
     def handler(message: Message, context: Context) -> Message:
-        context.run_config.update(config)
-        return app(message, context)
+        merged = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                         state=context.state, run_config={**context.run_config, **config})
+        return app(message, merged)
     return handler
 
 
