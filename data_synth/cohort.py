@@ -165,7 +165,7 @@ def _open_batches(name: str, path: Path, columns: list[str], batch_rows: int) ->
             raise omop.OmopValidationError(f"{name}: {path} is not a readable Parquet file ({error})") from error
         # Checked here: iter_batches silently drops a requested column that is absent.
         omop.check_columns(name, parquet.schema_arrow, str(path))
-        return parquet.iter_batches(batch_size=batch_rows, columns=columns)
+        return _row_group_batches(parquet, columns, batch_rows)
     types = {c.name: c.type for c in omop.TABLES[name] if c.name in columns}
     try:
         return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
@@ -173,6 +173,13 @@ def _open_batches(name: str, path: Path, columns: list[str], batch_rows: int) ->
                                                                    strings_can_be_null=True))
     except (pa.ArrowInvalid, KeyError) as error:
         raise omop.OmopValidationError(f"{name}: cannot read {path} as CSV ({error})") from error
+
+
+def _row_group_batches(parquet: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # A fresh reader per row group: one iter_batches over a whole file holds
+    # memory until the file closes (pyarrow 26), so memory grew with the site.
+    for group in range(parquet.num_row_groups):
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
 
 
 class _TableStream:
@@ -511,27 +518,41 @@ def assign_split(labels: np.ndarray, test_fraction: float, rng: np.random.Genera
 
 
 # ---------------------------------------------------------------- entry point
-def build_cohort(omop_dir: Path, spec: CohortSpec, site: str, progress: bool = True) -> tuple[pd.DataFrame, Attrition]:
-    """Return the modelling cohort and attrition for the OMOP extract in `omop_dir`."""
+def _cohort_batches(omop_dir: Path, spec: CohortSpec, site: str, progress: bool):
+    """Yield (cohort rows, attrition) per person batch, each batch sorted by person and index stay."""
     omop_dir = Path(omop_dir)
     if not omop_dir.is_dir():
         raise FileNotFoundError(f"OMOP folder {omop_dir} does not exist")
-    frames, total = [], Attrition()
     for chunk in tqdm(_person_batches(omop_dir), desc=f"cohort {site}", unit="batch", disable=not progress):
         frame, attrition = build_chunk(chunk, spec, site)
-        if len(frame):
-            frames.append(frame)
-        total.add(attrition)
-    cohort = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COHORT_COLUMNS[:-1]))
-    if cohort.empty:
-        raise ValueError(f"site {site!r}: no index heart-failure stays in {omop_dir} between "
-                         f"{spec.study_start} and {spec.study_end}")
-    cohort = cohort.sort_values(["person_id", "index_visit_id"], kind="stable").reset_index(drop=True)
-    labels = cohort[LABEL].to_numpy()
+        # Persons never span batches, so sorting each batch sorts the whole cohort.
+        yield frame.sort_values(["person_id", "index_visit_id"], kind="stable").reset_index(drop=True), attrition
+
+
+def _no_stays(omop_dir: Path, spec: CohortSpec, site: str) -> ValueError:
+    return ValueError(f"site {site!r}: no index heart-failure stays in {omop_dir} between "
+                      f"{spec.study_start} and {spec.study_end}")
+
+
+def site_split(labels: np.ndarray, spec: CohortSpec, site: str) -> np.ndarray:
+    """Return the site's fixed train/test assignment, stratified by label and seeded by (seed, site)."""
     if np.unique(labels).size < 2:
         raise ValueError(f"site {site!r}: every index stay has {LABEL}={labels[0]}; a split needs both outcomes")
     site_seed = np.random.SeedSequence([spec.seed, *site.encode()])
-    cohort[SPLIT] = assign_split(labels, spec.test_fraction, np.random.default_rng(site_seed))
+    return assign_split(labels, spec.test_fraction, np.random.default_rng(site_seed))
+
+
+def build_cohort(omop_dir: Path, spec: CohortSpec, site: str, progress: bool = True) -> tuple[pd.DataFrame, Attrition]:
+    """Return the modelling cohort and attrition for the OMOP extract in `omop_dir` (held in memory)."""
+    frames, total = [], Attrition()
+    for frame, attrition in _cohort_batches(omop_dir, spec, site, progress):
+        if len(frame):
+            frames.append(frame)
+        total.add(attrition)
+    if not frames:
+        raise _no_stays(omop_dir, spec, site)
+    cohort = pd.concat(frames, ignore_index=True)
+    cohort[SPLIT] = site_split(cohort[LABEL].to_numpy(), spec, site)
     return cohort[list(COHORT_COLUMNS)], total
 
 
@@ -546,17 +567,53 @@ def cohort_table(cohort: pd.DataFrame) -> pa.Table:
 
 def write_cohort(omop_dir: Path, out_dir: Path | None = None, spec: CohortSpec | None = None,
                  site: str | None = None, progress: bool = True) -> tuple[Path, Attrition]:
-    """Build the cohort of an OMOP folder and write cohort.parquet and attrition.json atomically."""
+    """Build the cohort of an OMOP folder and write cohort.parquet and attrition.json atomically.
+
+    Streams: each person batch is written as it is built, keeping only the
+    labels in memory; a second pass over the written batches adds the
+    stratified split. Memory stays flat as the site grows.
+    """
     omop_dir = Path(omop_dir)
     out_dir = Path(out_dir) if out_dir is not None else omop_dir.parent
     site = site or out_dir.name
-    cohort, attrition = build_cohort(omop_dir, spec or CohortSpec(), site, progress=progress)
+    spec = spec or CohortSpec()
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / COHORT_FILE
-    _atomic_write(target, lambda path: pq.write_table(cohort_table(cohort), path, compression="snappy"))
+    fd, staging = tempfile.mkstemp(prefix=f".{COHORT_FILE}.rows.", dir=out_dir)
+    os.close(fd)
+    try:
+        writer, labels, total = None, [], Attrition()
+        for frame, attrition in _cohort_batches(omop_dir, spec, site, progress):
+            total.add(attrition)
+            if not len(frame):
+                continue
+            table = cohort_table(frame[[c for c in COHORT_COLUMNS if c != SPLIT]])
+            if writer is None:
+                writer = pq.ParquetWriter(staging, table.schema, compression="snappy")
+            writer.write_table(table.cast(writer.schema))
+            labels.append(frame[LABEL].to_numpy())
+        if writer is None:
+            raise _no_stays(omop_dir, spec, site)
+        writer.close()
+        split = site_split(np.concatenate(labels), spec, site)
+
+        def with_split(path: Path) -> None:
+            rows = pq.ParquetFile(staging)
+            out, offset = None, 0
+            for group in range(rows.num_row_groups):
+                table = rows.read_row_group(group)
+                table = table.append_column(SPLIT, pa.array(split[offset:offset + table.num_rows], pa.string()))
+                offset += table.num_rows
+                out = out or pq.ParquetWriter(path, table.schema, compression="snappy")
+                out.write_table(table)
+            out.close()
+
+        target = out_dir / COHORT_FILE
+        _atomic_write(target, with_split)
+    finally:
+        Path(staging).unlink(missing_ok=True)
     _atomic_write(out_dir / ATTRITION_FILE,
-                  lambda path: Path(path).write_text(json.dumps(asdict(attrition), indent=2) + "\n"))
-    return target, attrition
+                  lambda path: Path(path).write_text(json.dumps(asdict(total), indent=2) + "\n"))
+    return target, total
 
 
 def _atomic_write(target: Path, write) -> None:

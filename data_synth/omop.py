@@ -207,7 +207,8 @@ def validate_table(table_name: str, table: pa.Table, row_offset: int = 0) -> Non
                   pc.is_null(table.column(col.name)).to_numpy(zero_copy_only=False), row_offset)
     key = PRIMARY_KEYS[table_name]
     ids = table.column(key).to_numpy()
-    if ids.size and np.unique(ids).size != ids.size:
+    # Increasing ids (as extracts usually come) are unique; only otherwise sort to look.
+    if ids.size > 1 and not np.all(ids[1:] > ids[:-1]) and np.unique(ids).size != ids.size:
         order = np.sort(ids)
         dupes = np.unique(order[1:][order[1:] == order[:-1]])
         _fail(table_name, key, "duplicate identifier", table, np.isin(ids, dupes), row_offset)
