@@ -61,10 +61,11 @@ def weighted_average(results: list[LocalResult]) -> list[np.ndarray]:
 
 def fedavg_plain(kind: str, hidden: tuple[int, ...], initial: list[np.ndarray],
                  sites: dict[str, tuple[np.ndarray, np.ndarray]], rounds: int, config: TrainConfig,
-                 seed: int) -> tuple[list[np.ndarray], list[float]]:
+                 seed: int, after_round=None) -> tuple[list[np.ndarray], list[float]]:
     """Return the final global weights and per-round mean local loss of an in-process FedAvg run.
 
     Sites are aggregated in name order, as the Flower server does.
+    `after_round(round, weights)`, if given, runs after each aggregation.
     """
     weights = [w.copy() for w in initial]
     losses = []
@@ -74,6 +75,8 @@ def fedavg_plain(kind: str, hidden: tuple[int, ...], initial: list[np.ndarray],
             for site, (x, y) in sorted(sites.items())
         ]
         weights = weighted_average(results)
+        if after_round is not None:
+            after_round(server_round, weights)
         total = sum(r.num_examples for r in results)
         losses.append(sum(r.train_loss * r.num_examples for r in results) / total)
     return weights, losses

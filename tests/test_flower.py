@@ -1,0 +1,141 @@
+"""The Flower app: equivalence with a plain FedAvg loop, determinism, the ledger, bad sites."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from compendium.params import PARAMS_DIR, load_params
+from data_synth.cohort import CohortSpec, write_cohort
+from data_synth.generator import generate_site
+from data_synth.sites import site_profile
+from fl.data import FEATURE_NAMES, load_site, site_dir
+from fl.federated import fedavg_plain, initial_weights
+from fl.flower.engine import run_direct
+from fl.flower.server_app import FederationError, local_train_config
+
+SITES = {"halland": 500, "sahlgrenska": 800}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    for site, patients in SITES.items():
+        folder = site_dir(root, site)
+        generate_site(site_profile(site, {"patients": patients}), 5, folder, progress=False)
+        write_cohort(folder / "omop", folder, CohortSpec(seed=5), site, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def profile():
+    smoke = load_params(PARAMS_DIR / "smoke.yaml")
+    return smoke.model_copy(update={"federated": smoke.federated.model_copy(update={"rounds": 4, "local_epochs": 2})})
+
+
+def _dirs(build):
+    return [site_dir(build, site) for site in SITES]
+
+
+def test_flower_fedavg_equals_the_plain_loop(build, profile, tmp_path):
+    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "fedavg")
+    data = {site: load_site(site_dir(build, site), "train") for site in SITES}
+    arrays = {site: (result.spec.transform(d.features), d.labels) for site, d in data.items()}
+    kind, hidden = profile.baselines.model, tuple(profile.baselines.mlp_hidden)
+    start = initial_weights(kind, result.spec.n_outputs, hidden, profile.seed)
+    plain, _ = fedavg_plain(kind, hidden, start, arrays, profile.federated.rounds, local_train_config(profile),
+                            profile.seed)
+    assert len(plain) == len(result.weights)
+    for mine, flower in zip(plain, result.weights):
+        np.testing.assert_allclose(mine, flower, rtol=0, atol=1e-6)
+    assert not np.allclose(start[0], result.weights[0])  # training moved the weights
+
+
+def test_federated_statistics_equal_pooled_statistics(build, profile, tmp_path):
+    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "fedavg")
+    pooled = pd.concat([load_site(site_dir(build, s), "train").features for s in SITES], ignore_index=True)
+    from fl.data import FeatureStatistics, PreprocessingSpec
+
+    direct = PreprocessingSpec.from_statistics(FeatureStatistics.of(pooled))
+    np.testing.assert_allclose(result.spec.mean, direct.mean, rtol=1e-12)
+    np.testing.assert_allclose(result.spec.std, direct.std, rtol=1e-12)
+    assert result.site_rows == {s: len(load_site(site_dir(build, s), "train")) for s in SITES}
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_same_seed_same_final_weights(build, profile, tmp_path, strategy):
+    first = run_direct(profile, strategy, _dirs(build), tmp_path / "a")
+    second = run_direct(profile, strategy, _dirs(build), tmp_path / "b")
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "a" / "ledger.jsonl").read_text() == (tmp_path / "b" / "ledger.jsonl").read_text()
+    rounds = profile.federated.rounds
+    assert [row["round"] for row in first.history] == [r for r in range(1, rounds + 1) for _ in SITES]
+    assert sorted((tmp_path / "a" / "checkpoints").glob("round_*.npz"))[-1].name == f"round_{rounds:03d}.npz"
+
+
+def test_strategies_differ(build, profile, tmp_path):
+    weights = {s: run_direct(profile, s, _dirs(build), tmp_path / s).weights[0] for s in ("fedavg", "fedprox", "fedadam")}
+    assert not np.allclose(weights["fedavg"], weights["fedadam"])
+    assert not np.allclose(weights["fedavg"], weights["fedprox"])
+
+
+def test_no_message_carries_patient_level_values(build, profile, tmp_path):
+    run_direct(profile, "fedprox", _dirs(build), tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
+    counts = set()
+    for site in SITES:
+        data = {split: len(load_site(site_dir(build, site), split)) for split in ("train", "test", "all")}
+        counts |= set(data.values())
+    allowed_strings = set(SITES) | set(FEATURE_NAMES) | {"logistic", "mlp", "adam", "sgd", "feature-statistics"}
+    rounds = profile.federated.rounds
+    assert {(line["round"], line["direction"], line["site"]) for line in lines} == {
+        (r, d, s) for r in range(0, rounds + 1) for d in ("server->site", "site->server") for s in SITES}
+    for line in lines:
+        assert line["bytes"] > 0 and line["error"] is None
+        for record in line["records"]:
+            for entry in record["entries"]:
+                if record["kind"] == "arrays":
+                    assert not set(entry["shape"]) & counts, f"array shaped like a patient count: {line}"
+                    assert max(entry["shape"]) <= len(FEATURE_NAMES) + 16
+                if isinstance(entry.get("value"), str):
+                    assert entry["value"] in allowed_strings, entry
+                if isinstance(entry.get("value"), list) and entry["value"] and isinstance(entry["value"][0], str):
+                    assert set(entry["value"]) <= allowed_strings
+                assert entry.get("length", 0) <= len(FEATURE_NAMES)  # config lists: features or statistics
+    # Record kinds per direction are exactly the protocol's.
+    kinds = {(l["message_type"], l["direction"]): sorted(r["key"] for r in l["records"]) for l in lines}
+    assert kinds[("train", "server->site")] == ["arrays", "config"]
+    assert kinds[("train", "site->server")] == ["arrays", "metrics", "site"]
+    assert kinds[("evaluate", "site->server")] == ["metrics", "site"]
+    assert kinds[("query.statistics", "site->server")] == ["metrics", "site", "statistics"]
+
+
+def _copy_site(build, site, tmp_path, change):
+    target = tmp_path / "sites" / site
+    target.mkdir(parents=True)
+    frame = pd.read_parquet(site_dir(build, site) / "cohort.parquet")
+    pq.write_table(pa.Table.from_pandas(change(frame), preserve_index=False), target / "cohort.parquet")
+    return target
+
+
+def test_a_site_without_training_data_stops_the_run_naming_it(build, profile, tmp_path):
+    empty = _copy_site(build, "halland", tmp_path, lambda f: f.assign(split="test"))
+    with pytest.raises(FederationError, match="halland.*no train rows"):
+        run_direct(profile, "fedavg", [empty, site_dir(build, "sahlgrenska")], tmp_path / "out")
+    assert not (tmp_path / "out" / "final_model.npz").exists()
+
+
+def test_a_site_with_other_columns_stops_the_run_naming_it(build, profile, tmp_path):
+    odd = _copy_site(build, "sahlgrenska", tmp_path, lambda f: f.drop(columns=["lvef"]))
+    with pytest.raises(FederationError, match=r"sahlgrenska.*missing column\(s\) \['lvef'\]"):
+        run_direct(profile, "fedavg", [site_dir(build, "halland"), odd], tmp_path / "out")
+
+
+def test_a_missing_site_folder_stops_the_run(build, profile, tmp_path):
+    with pytest.raises(FederationError, match="does not exist"):
+        run_direct(profile, "fedavg", [site_dir(build, "halland"), tmp_path / "nowhere"], tmp_path / "out")
