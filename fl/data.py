@@ -184,6 +184,13 @@ class PreprocessingSpec:
         return cls(mean=mean, std=np.where(std > 0, std, 1.0))
 
     @property
+    def key(self) -> str:
+        """Return a short content hash (to cache data transformed with this spec)."""
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.mean).tobytes() + np.ascontiguousarray(self.std).tobytes()).hexdigest()[:16]
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         return FEATURE_NAMES + tuple(f"{name}_missing" for name in MISSING_INDICATOR_FEATURES)
 

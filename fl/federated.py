@@ -36,7 +36,7 @@ class LocalResult:
 def local_update(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], features: np.ndarray,
                  labels: np.ndarray, config: TrainConfig, seed: int) -> LocalResult:
     """Return the weights after `config.epochs` local epochs starting from the global `weights`."""
-    model = build_model(kind, features.shape[1], seed=0, hidden=hidden)
+    model = build_model(kind, features.shape[1], seed=None, hidden=hidden)
     set_weights(model, weights)
     reference = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     history = fit(model, features, labels, config, seed=seed, reference=reference)
@@ -91,7 +91,7 @@ def predict(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], featu
     """Return predicted probabilities of a model given by its weights."""
     from fl.train import predict_proba
 
-    model = build_model(kind, features.shape[1], seed=0, hidden=hidden)
+    model = build_model(kind, features.shape[1], seed=None, hidden=hidden)
     set_weights(model, weights)
     return predict_proba(model, features)
 

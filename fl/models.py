@@ -41,15 +41,24 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def build_model(kind: str, n_features: int, seed: int, hidden: tuple[int, ...] = (32,)) -> nn.Module:
-    """Return a freshly initialised model of `kind` with weights drawn from `seed`."""
+def build_model(kind: str, n_features: int, seed: int | None, hidden: tuple[int, ...] = (32,)) -> nn.Module:
+    """Return a freshly initialised model of `kind` with weights drawn from `seed`.
+
+    `seed=None` is for a model whose weights are loaded right after: it skips
+    seeding, and its initial weights must not be used.
+    """
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
     if n_features < 1:
         raise ValueError(f"n_features must be positive, got {n_features}")
+    def make() -> nn.Module:
+        return LogisticRegression(n_features) if kind == "logistic" else MLP(n_features, tuple(hidden))
+
+    if seed is None:
+        return make().to(torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LogisticRegression(n_features) if kind == "logistic" else MLP(n_features, tuple(hidden))
+        model = make()
     return model.to(torch.float32)
 
 

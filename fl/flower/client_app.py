@@ -17,11 +17,9 @@ from flwr.clientapp import ClientApp
 
 from fl import evaluate as ev
 from data_synth.cohort import COHORT_FILE
-from fl.data import FEATURE_NAMES, FeatureStatistics, SiteSplit, load_site
-from fl.federated import local_update, round_seed
+from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
+from fl.federated import local_update, predict, round_seed
 from fl.flower import protocol as p
-from fl.models import build_model, set_weights
-from fl.train import predict_proba
 
 app = ClientApp()
 
@@ -54,6 +52,19 @@ def _site(context: Context, split: str) -> SiteSplit:
     return data
 
 
+_MATRICES: dict[tuple, np.ndarray] = {}
+
+
+def _matrix(data: SiteSplit, spec: PreprocessingSpec) -> np.ndarray:
+    """Return the split's model matrix under `spec`, computed once per spec (the spec is fixed in a run)."""
+    key = (data.site, data.split, len(data), spec.key)
+    if key not in _MATRICES:
+        if len(_MATRICES) >= 8:
+            _MATRICES.clear()
+        _MATRICES[key] = spec.transform(data.features)
+    return _MATRICES[key]
+
+
 def _site_record(data: SiteSplit) -> ConfigRecord:
     return ConfigRecord({"site": data.site, "features": list(FEATURE_NAMES)})
 
@@ -76,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[p.CONFIG]
     spec, train_config, kind, hidden, seed = p.read_settings(config)
     weights = msg.content[p.ARRAYS].to_numpy_ndarrays()
-    result = local_update(kind, hidden, weights, spec.transform(data.features), data.labels, train_config,
+    result = local_update(kind, hidden, weights, _matrix(data, spec), data.labels, train_config,
                           round_seed(seed, data.site, int(config["server-round"])))
     content = RecordDict({
         p.ARRAYS: ArrayRecord(result.weights),
@@ -91,9 +102,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
     data = _site(context, "test")
     spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG])
-    model = build_model(kind, spec.n_outputs, seed=0, hidden=hidden)
-    set_weights(model, msg.content[p.ARRAYS].to_numpy_ndarrays())
-    probabilities = predict_proba(model, spec.transform(data.features))
+    probabilities = predict(kind, hidden, msg.content[p.ARRAYS].to_numpy_ndarrays(), _matrix(data, spec))
     clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
     loss = float(-np.mean(data.labels * np.log(clipped) + (1 - data.labels) * np.log(1 - clipped)))
     content = RecordDict({
