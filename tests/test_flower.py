@@ -139,3 +139,25 @@ def test_a_site_with_other_columns_stops_the_run_naming_it(build, profile, tmp_p
 def test_a_missing_site_folder_stops_the_run(build, profile, tmp_path):
     with pytest.raises(FederationError, match="does not exist"):
         run_direct(profile, "fedavg", [site_dir(build, "halland"), tmp_path / "nowhere"], tmp_path / "out")
+
+
+@pytest.mark.integration
+def test_flowers_ray_simulation_gives_the_same_model(build, profile, tmp_path):
+    """The same ServerApp and ClientApp in Flower's own (Ray) simulation engine: identical weights."""
+    import yaml
+
+    from fl.flower.engine import run_ray
+    from fl.flower.stage import load_result
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["federated"].update(rounds=profile.federated.rounds, local_epochs=profile.federated.local_epochs)
+    params_file = tmp_path / "smoke.yaml"
+    params_file.write_text(yaml.safe_dump(data))
+    run_ray(params_file, "fedavg", _dirs(build), tmp_path / "ray")
+    direct = run_direct(profile, "fedavg", _dirs(build), tmp_path / "direct")
+    ray = load_result(tmp_path / "ray", "fedavg")
+    for a, b in zip(ray.weights, direct.weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    ledger = lambda name: [json.loads(l) for l in (tmp_path / name / "ledger.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    strip = lambda lines: [{k: v for k, v in l.items() if k != "bytes"} for l in lines]  # noqa: E731,E741
+    assert strip(ledger("ray")) == strip(ledger("direct"))

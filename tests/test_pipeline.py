@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 BASELINES = "02_local_baselines"
+FEDERATED = "03_federated_training"
 REQUIRED_MODELS = ("local_halland", "local_sahlgrenska", "pooled", "oracle", "lace", "gbt")
 
 
@@ -26,6 +27,7 @@ def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
     folder = run_stage(STAGE, "smoke", build_root=root, progress=False)
     run_stage(BASELINES, "smoke", build_root=root, progress=False)
+    run_stage(FEDERATED, "smoke", build_root=root, progress=False)
     return root, folder
 
 
@@ -60,7 +62,7 @@ def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
 
 def test_same_profile_and_seed_give_identical_artifacts(smoke_run, tmp_path):
     first_root, _ = smoke_run
-    for stage in (STAGE, BASELINES):
+    for stage in (STAGE, BASELINES, FEDERATED):
         first = first_root / "smoke" / stage
         second = run_stage(stage, "smoke", build_root=tmp_path, progress=False)
         a = json.loads((first / "manifest.json").read_text())["outputs"]
@@ -90,6 +92,24 @@ def test_baselines_summary_has_every_model_on_every_site(smoke_run):
     assert html.count("data:image/png") >= 5
 
 
+def test_federated_summary_and_ledger(smoke_run):
+    root, _ = smoke_run
+    folder = root / "smoke" / FEDERATED
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["strategies"] == ["fedavg", "fedprox", "fedadam"]
+    for strategy in summary["strategies"]:
+        for site in ("halland", "sahlgrenska"):
+            auroc = summary["auroc"][strategy][site]
+            assert 0.6 < auroc["value"] < 0.95 and auroc["lower"] <= auroc["value"] <= auroc["upper"]
+            assert summary["bytes_exchanged_per_site"][strategy][site] > 0
+        assert (folder / strategy / "ledger.jsonl").is_file()
+        assert (folder / strategy / "final_model.npz").is_file()
+        rounds = sorted((folder / strategy / "checkpoints").glob("round_*.npz"))
+        assert len(rounds) == summary["rounds"] + 1  # the initial model and one per round
+    html = (root / "smoke" / "notebooks" / f"{FEDERATED}.html").read_text()
+    assert html.count("data:image/png") >= 3
+
+
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):
     with pytest.raises(StageError, match="needs 01_synthetic_ehr first"):
         run_stage(BASELINES, "smoke", build_root=tmp_path, progress=False)
@@ -104,6 +124,15 @@ def test_default_profile_meets_the_quality_bars(tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["checks"] == {site: {"oracle_not_beaten": True, "pooled_not_worse": True}
                                  for site in ("halland", "sahlgrenska")}
+    federated = json.loads((run_stage(FEDERATED, "default", build_root=tmp_path, progress=False)
+                            / "summary.json").read_text())
+    # Issue 4's utility target for FedAvg: within 0.01 of pooled on each site, and at or
+    # above the smaller site's own model on its own test set.
+    for site in ("halland", "sahlgrenska"):
+        gap = federated["auroc"]["fedavg"][site]["value"] - summary["auroc"]["pooled"][site]["value"]
+        assert abs(gap) <= 0.01, (site, gap)
+    assert (federated["auroc"]["fedavg"]["halland"]["value"]
+            >= summary["auroc"]["local_halland"]["halland"]["value"])
 
 
 def test_failed_stage_leaves_no_half_written_output(tmp_path):
