@@ -44,6 +44,27 @@ def write_json(target: Path, data) -> Path:
     return atomic_write(target, lambda tmp: tmp.write_text(text))
 
 
+def save_arrays(target: Path, **arrays) -> Path:
+    """Write named arrays as an .npz that np.load reads, byte-identical for identical arrays.
+
+    np.savez stamps each member with the current time, so two identical runs
+    would write different files; here every member gets a fixed timestamp.
+    """
+    import io
+    import zipfile
+
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, value in arrays.items():
+                buffer = io.BytesIO()
+                np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
+                archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+
+    return atomic_write(Path(target), write)
+
+
 def _json_default(value):
     if hasattr(value, "isoformat"):
         return value.isoformat()

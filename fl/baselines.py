@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
 from torch import nn
 
+from compendium.artifacts import save_arrays
 from compendium.params import BaselineParams, Profile
 from fl import evaluate as ev
 from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_oracle_risk, load_site, site_dir
@@ -266,4 +267,4 @@ def save_models(results: BaselineResults, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, fitted in results.fitted.items():
         arrays = {f"weight_{i}": w for i, w in enumerate(get_weights(fitted.model))}
-        np.savez(folder / f"{name}.npz", spec_mean=fitted.spec.mean, spec_std=fitted.spec.std, **arrays)
+        save_arrays(folder / f"{name}.npz", spec_mean=fitted.spec.mean, spec_std=fitted.spec.std, **arrays)

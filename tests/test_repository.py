@@ -62,3 +62,20 @@ def test_every_stage_has_its_notebook():
     assert NOTEBOOKS, "no notebooks found"
     for stage in STAGES.values():
         assert stage.notebook.is_file(), stage.notebook
+
+
+def test_saved_arrays_are_byte_identical_and_loadable(tmp_path):
+    import time
+
+    import numpy as np
+
+    from compendium.artifacts import save_arrays
+
+    weights = {"weight_0": np.arange(6, dtype=np.float32).reshape(2, 3), "spec_mean": np.array([1.5, 2.5])}
+    save_arrays(tmp_path / "a.npz", **weights)
+    time.sleep(2.1)  # np.savez would stamp a different time into the zip
+    save_arrays(tmp_path / "b.npz", **weights)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    loaded = np.load(tmp_path / "a.npz")
+    np.testing.assert_array_equal(loaded["weight_0"], weights["weight_0"])
+    assert loaded["weight_0"].dtype == np.float32

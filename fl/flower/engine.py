@@ -93,16 +93,22 @@ def _run_config(profile_path: Path, strategy: str, output_dir: Path, site_dirs: 
             "site-dirs": ",".join(str(d) for d in site_dirs)}
 
 
-def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path) -> server_app.FederationResult:
-    """Run the Flower apps in this process; each node's context names only its own site folder."""
-    # Messages take their run and sender from the process's task identity, as in Flower's engines.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
-    contexts = {
+def direct_contexts(site_dirs: list[Path]) -> dict[int, Context]:
+    """Return one ClientApp context per site; each names only its own site folder."""
+    return {
         100 + index: Context(run_id=1, node_id=100 + index, node_config={"site-dir": str(site_dir)},
                              state=RecordDict(), run_config={})
         for index, site_dir in enumerate(site_dirs)
     }
-    return server_app.run_federation(DirectGrid(contexts), profile, strategy, output_dir)
+
+
+def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path,
+               resume: bool = False, grid: Grid | None = None) -> server_app.FederationResult:
+    """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose)."""
+    # Messages take their run and sender from the process's task identity, as in Flower's engines.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    grid = grid or DirectGrid(direct_contexts(site_dirs))
+    return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume)
 
 
 def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path) -> None:
