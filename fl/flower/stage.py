@@ -149,5 +149,4 @@ def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
             strategy: {site: int((ledger_frame(run.folder)["site"] == site).sum()) for site in sites}
             for strategy, run in runs.items()
         },
-        "wall_seconds": {strategy: round(run.seconds, 2) for strategy, run in runs.items()},
     }
