@@ -72,7 +72,6 @@ FEATURES: tuple[Feature, ...] = (
                 "comorbidity burden drives readmission (LACE C)")
         for name in COMORBIDITIES
     ),
-    Feature("charlson_index", "numeric", "derived from the comorbidity diagnoses", "summary comorbidity burden for LACE"),
     Feature("nt_probnp", "numeric", "LOINC 33762-6, last value of the stay", "congestion and severity of heart failure"),
     Feature("creatinine", "numeric", "LOINC 14682-9, last value of the stay", "renal function"),
     Feature("egfr", "numeric", "CKD-EPI 2021 from creatinine, age and sex", "renal dysfunction raises risk (threshold effects)"),
@@ -92,8 +91,12 @@ LABEL = "readmitted_30d"
 #: Columns besides the features. person_id stays at the site (de-duplication,
 #: splitting); no later stage sends it anywhere.
 KEY_COLUMNS = ("person_id", "index_visit_id", "site", "index_admission_date", "index_discharge_date")
+#: Clinical scores kept for description and as references, not as model inputs:
+#: the Charlson index is a fixed sum of comorbidity flags the model already
+#: has, and an exactly collinear input made training ill-conditioned.
+SCORE_COLUMNS = ("charlson_index", "lace_score")
 SPLIT = "split"
-COHORT_COLUMNS = (*KEY_COLUMNS, *FEATURE_NAMES, "lace_score", LABEL, SPLIT)
+COHORT_COLUMNS = (*KEY_COLUMNS, *FEATURE_NAMES, *SCORE_COLUMNS, LABEL, SPLIT)
 
 
 @dataclass(frozen=True)

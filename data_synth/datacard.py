@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from compendium.disclosure import MIN_CELL, count_cell, count_percent_cell, is_small
-from data_synth.cohort import FEATURES, LABEL, Attrition
+from data_synth.cohort import FEATURES, LABEL, SCORE_COLUMNS, Attrition
 
 ATTRITION_STEPS = {
     "persons": "persons in the OMOP extract",
@@ -86,6 +86,9 @@ def table_one(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if any(missing.values()):
             rows.append((f"{feature.name} missing, n (%)",
                          {s: count_percent_cell(missing[s], len(c)) for s, c in cohorts.items()}))
+    for score in SCORE_COLUMNS:
+        rows.append((f"{score} (not a model input), median [IQR]",
+                     {s: _median_iqr(c[score]) for s, c in cohorts.items()}))
     return pd.DataFrame({label: cells for label, cells in rows}).T
 
 

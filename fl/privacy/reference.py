@@ -1,0 +1,143 @@
+"""Many federated logistic-regression models trained at once, as one tensor program.
+
+Reference models for membership inference must re-run the whole federated
+pipeline (federated statistics, then FedAvg rounds of local training at each
+site) on resampled member sets. Here M such pipelines run together: weights
+are (M, d) tensors, each model's members are a 0/1 mask over each site's
+rows, and one matrix product scores every row under every model. Adam acts
+elementwise, so one optimiser over the stacked weights is M independent
+optimisers; models never mix.
+
+Each model standardises with its own members' statistics, as its own
+federated-statistics round would. Standardisation is folded into the
+weights (z = (x - mean) / std on observed values, 0 where missing), so no
+(M, n, d) tensor is ever built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fl.data import FEATURE_NAMES, MISSING_INDICATOR_FEATURES, _transformed
+
+
+@dataclass(frozen=True)
+class SiteTensors:
+    """One site's rows in the form batched training needs."""
+
+    values: torch.Tensor  # (n, f) transformed features, 0 where missing
+    observed: torch.Tensor  # (n, f) 1 where observed
+    indicators: torch.Tensor  # (n, k) missing indicators (as the spec appends them)
+    labels: torch.Tensor  # (n,)
+
+    @classmethod
+    def of(cls, features: pd.DataFrame, labels: np.ndarray) -> "SiteTensors":
+        raw = _transformed(features).to_numpy()
+        observed = ~np.isnan(raw)
+        indicator_columns = [FEATURE_NAMES.index(name) for name in MISSING_INDICATOR_FEATURES]
+        return cls(
+            values=torch.as_tensor(np.where(observed, raw, 0.0), dtype=torch.float64),
+            observed=torch.as_tensor(observed, dtype=torch.float64),
+            indicators=torch.as_tensor((~observed[:, indicator_columns]).astype(float), dtype=torch.float32),
+            labels=torch.as_tensor(labels, dtype=torch.float32),
+        )
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class BatchedModels:
+    """M logistic-regression models with their own preprocessing statistics."""
+
+    weight: torch.Tensor  # (M, f) on standardised features
+    indicator_weight: torch.Tensor  # (M, k)
+    bias: torch.Tensor  # (M,)
+    mean: torch.Tensor  # (M, f)
+    std: torch.Tensor  # (M, f)
+
+    def logits(self, site: SiteTensors) -> torch.Tensor:
+        """Return (n, M) log-odds of every row under every model."""
+        return _logits(site, self.weight, self.indicator_weight, self.bias, self.mean, self.std)
+
+    @property
+    def count(self) -> int:
+        return self.weight.shape[0]
+
+
+def _logits(site: SiteTensors, weight, indicator_weight, bias, mean, std) -> torch.Tensor:
+    scaled = weight / std.float()  # (M, f)
+    # sum_j observed_ij * (x_ij - mean_mj) * w_mj / std_mj, as two matrix products.
+    from_values = site.values.float() @ scaled.T - site.observed.float() @ (mean.float() * scaled).T
+    return from_values + site.indicators @ indicator_weight.T + bias
+
+
+def member_statistics(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return each model's (mean, std) from its members' counts, sums and sums of squares over all sites."""
+    count = total = squares = 0.0
+    for name, site in sites.items():
+        mask = masks[name].double()  # (M, n)
+        count = count + mask @ site.observed
+        total = total + mask @ site.values
+        squares = squares + mask @ site.values**2
+    mean = total / count
+    std = torch.sqrt(torch.clamp(squares / count - mean**2, min=0.0))
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor], rounds: int, local_epochs: int,
+                    learning_rate: float, weight_decay: float, initial: tuple[np.ndarray, np.ndarray]) -> BatchedModels:
+    """Return M models, each trained by FedAvg over the sites on its own members (full-batch Adam locally).
+
+    `masks[site]` is an (M, n_site) 0/1 tensor of members; `initial` is the
+    (weight, bias) every model starts from, as in the target pipeline.
+    Sites are visited in name order and averaged by member counts, as the
+    Flower server does.
+    """
+    names = sorted(sites)
+    m = next(iter(masks.values())).shape[0]
+    mean, std = member_statistics(sites, masks)
+    f = len(FEATURE_NAMES)
+    weight0 = torch.as_tensor(initial[0], dtype=torch.float32).reshape(-1)
+    bias0 = torch.as_tensor(initial[1], dtype=torch.float32).reshape(-1)
+    global_weight = weight0[:f].expand(m, f).clone()
+    global_indicator = weight0[f:].expand(m, weight0.shape[0] - f).clone()
+    global_bias = bias0.expand(m).clone()
+    counts = {name: masks[name].float().sum(dim=1) for name in names}  # (M,)
+    total = sum(counts.values())
+    for _ in range(rounds):
+        new = []
+        for name in names:
+            site, mask = sites[name], masks[name].float()
+            weight = global_weight.clone().requires_grad_(True)
+            indicator = global_indicator.clone().requires_grad_(True)
+            bias = global_bias.clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([weight, indicator, bias], lr=learning_rate, weight_decay=weight_decay)
+            for _ in range(local_epochs):
+                optimiser.zero_grad()
+                logits = _logits(site, weight, indicator, bias, mean, std)  # (n, M)
+                losses = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, site.labels[:, None].expand_as(logits), reduction="none")
+                per_model = (losses * mask.T).sum(dim=0) / counts[name]
+                per_model.sum().backward()  # models are independent: the sum's gradient is each model's own
+                optimiser.step()
+            new.append((weight.detach(), indicator.detach(), bias.detach(), counts[name] / total))
+        global_weight = sum(w * share[:, None] for w, _, _, share in new)
+        global_indicator = sum(v * share[:, None] for _, v, _, share in new)
+        global_bias = sum(b * share for _, _, b, share in new)
+    return BatchedModels(global_weight, global_indicator, global_bias, mean, std)
+
+
+def membership_masks(sizes: dict[str, int], models: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Return, per site, an (M, n) mask putting each row in exactly half of the models (LiRA's design)."""
+    masks = {}
+    for name, n in sorted(sizes.items()):
+        # For each row, a random half of the models include it.
+        order = np.argsort(rng.random((n, models)), axis=1)
+        member = np.zeros((n, models), dtype=bool)
+        np.put_along_axis(member, order[:, : models // 2], True, axis=1)
+        masks[name] = torch.as_tensor(member.T.copy())
+    return masks
