@@ -29,6 +29,8 @@ LOG_FEATURES = ("nt_probnp", "creatinine")
 MISSING_INDICATOR_FEATURES = ("nt_probnp", "creatinine", "egfr", "sodium", "potassium", "haemoglobin",
                               "systolic_bp", "lvef")
 STAGE1_SITES = Path("01_synthetic_ehr") / "sites"
+#: Columns of the model matrix: standardised features, then missing indicators.
+MODEL_INPUTS = len(FEATURE_NAMES) + len(MISSING_INDICATOR_FEATURES)
 
 
 class CohortError(ValueError):

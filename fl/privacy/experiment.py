@@ -1,0 +1,111 @@
+"""Membership-inference experiments on the federated model (attacker positions A and B).
+
+K federated pipelines are trained at once on random halves of the patients
+(every patient is a member of exactly half of them). Each of the first T
+pipelines in turn plays the released model, the other K - 1 are the
+attacker's reference models (leave-one-out, as in Carlini et al. 2022), and
+the trials of all T targets are pooled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fl.data import SiteSplit
+from fl.privacy import membership as mi
+from fl.privacy.reference import SiteTensors, membership_masks, train_federated
+
+ATTACKS = ("loss", "lira_online", "lira_offline", "rmia")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """The federated training every reference model repeats."""
+
+    rounds: int
+    local_epochs: int
+    learning_rate: float
+    weight_decay: float
+    initial: tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class MembershipExperiment:
+    """Pooled attack trials and their evaluation."""
+
+    results: dict[str, mi.AttackResult]
+    scores: dict[str, np.ndarray]  # attack -> (T * N,) pooled scores
+    members: np.ndarray  # (T * N,) pooled membership
+    per_record: pd.DataFrame  # per-record vulnerability (aggregated over targets)
+    models: int
+    targets: int
+
+
+def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (logits (N, K), labels (N,), members (N, K)) of K federated models over all sites' records."""
+    tensors = {s: SiteTensors.of(d.features, d.labels) for s, d in sites.items()}
+    masks = membership_masks({s: len(d) for s, d in sites.items()}, models, rng)
+    trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
+                              recipe.weight_decay, recipe.initial)
+    with torch.no_grad():
+        logits = np.concatenate([trained.logits(tensors[s]).double().numpy() for s in sorted(sites)])
+    labels = np.concatenate([sites[s].labels for s in sorted(sites)])
+    members = np.concatenate([masks[s].numpy().T for s in sorted(sites)])
+    return logits, labels, members
+
+
+def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, target: int,
+                  population: np.ndarray) -> dict[str, np.ndarray]:
+    """Return every attack's scores against model `target`, the others being references."""
+    others = np.delete(np.arange(logits.shape[1]), target)
+    reference, reference_members = logits[:, others], members[:, others]
+    target_logits = logits[:, target]
+    return {
+        "loss": mi.loss_scores(target_logits, labels),
+        "lira_online": mi.lira_scores(target_logits, labels, reference, reference_members, online=True),
+        "lira_offline": mi.lira_scores(target_logits, labels, reference, reference_members, online=False),
+        "rmia": mi.rmia_scores(target_logits, labels, reference, population),
+    }
+
+
+def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe, seed: int,
+        population_size: int = 2000) -> MembershipExperiment:
+    """Train `models` federated pipelines and attack `targets` of them; return pooled results."""
+    if not 2 <= targets < models:
+        raise ValueError(f"need 2 <= targets < models, got targets={targets}, models={models}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    logits, labels, members = train_population(sites, models, recipe, rng)
+    population = rng.choice(len(labels), size=min(population_size, len(labels)), replace=False)
+    pooled = {attack: [] for attack in ATTACKS}
+    for target in range(targets):
+        for attack, scores in attack_scores(logits, labels, members, target, population).items():
+            pooled[attack].append(scores)
+    scores = {attack: np.concatenate(parts) for attack, parts in pooled.items()}
+    pooled_members = np.concatenate([members[:, t] for t in range(targets)])
+    results = {attack: mi.evaluate_attack(s, pooled_members) for attack, s in scores.items()}
+    per_record = vulnerability(scores["lira_online"], pooled_members, len(labels), targets)
+    return MembershipExperiment(results, scores, pooled_members, per_record, models, targets)
+
+
+def vulnerability(scores: np.ndarray, members: np.ndarray, records: int, targets: int) -> pd.DataFrame:
+    """Return per record its mean attack score as a member minus as a non-member (larger: more exposed)."""
+    score = scores.reshape(targets, records)
+    member = members.reshape(targets, records)
+    def mean_where(mask):
+        count = mask.sum(axis=0)
+        return np.where(count > 0, np.where(mask, score, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+
+    # NaN where a record was never (or always) a member of the targets.
+    return pd.DataFrame({"score_gap": mean_where(member) - mean_where(~member)})
+
+
+def null_control(experiment: MembershipExperiment, attack: str, rng: np.random.Generator) -> mi.AttackResult:
+    """Return the attack evaluated on non-members only, half of them labelled 'member' at random (AUC ~0.5)."""
+    non_members = ~experiment.members
+    scores = experiment.scores[attack][non_members]
+    fake = rng.random(scores.size) < 0.5
+    return mi.evaluate_attack(scores, fake)

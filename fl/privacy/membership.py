@@ -1,0 +1,153 @@
+"""Membership inference: given a patient's record and the model, was the patient in the training data?
+
+Attacks score every candidate record; a higher score means "member".
+
+- `loss_scores`: the loss-threshold baseline (Yeom et al. 2018): low loss, member.
+- `lira_scores`: the likelihood-ratio attack (Carlini et al. 2022): per-record
+  Gaussians of the logit-scaled confidence under reference models that
+  included the record (IN) and did not (OUT); online uses both, offline only OUT.
+- `rmia_scores`: the relative membership inference attack (Zarifzadeh et al.
+  2024): the record's likelihood ratio against population records.
+
+Results are ROC curves with AUC and TPR at low FPR, with Clopper-Pearson
+intervals on the TPR, and are pooled over several target models so that a
+0.1% FPR rests on enough non-member trials.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from fl.evaluate import auroc
+
+LOW_FPRS = (0.001, 0.01)
+
+
+def true_label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return the logit-scaled confidence in the true label, log(p_y / (1 - p_y)), stable in logits."""
+    labels = np.asarray(labels).reshape((-1,) + (1,) * (np.ndim(logits) - 1))
+    return np.where(labels == 1, logits, -logits)
+
+
+def record_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return the binary cross-entropy of each record (stable in logits)."""
+    margin = true_label_confidence(logits, labels)
+    return np.logaddexp(0.0, -margin)
+
+
+def loss_scores(target_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return loss-threshold scores: the negative loss under the target model."""
+    return -record_loss(target_logits, labels)
+
+
+def lira_scores(target_logits: np.ndarray, labels: np.ndarray, reference_logits: np.ndarray,
+                reference_members: np.ndarray, online: bool = True, global_variance: bool = False) -> np.ndarray:
+    """Return LiRA scores for each record.
+
+    `reference_logits` is (n, R) from R reference models, `reference_members`
+    the (n, R) boolean membership of each record in each reference model.
+    Online: log N(phi; in) - log N(phi; out). Offline: the one-sided
+    log-probability that an OUT model would be as confident.
+    """
+    phi_target = true_label_confidence(target_logits, labels)
+    phi = true_label_confidence(reference_logits, labels)
+    inside = np.asarray(reference_members, dtype=bool)
+
+    def fit(mask):
+        count = mask.sum(axis=1)
+        mean = np.where(mask, phi, 0.0).sum(axis=1) / np.maximum(count, 1)
+        variance = np.where(mask, (phi - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(count - 1, 1)
+        if global_variance:
+            variance = np.full_like(variance, np.nanmedian(variance))
+        return mean, np.sqrt(np.maximum(variance, 1e-6))
+
+    mean_out, sd_out = fit(~inside)
+    if not online:
+        return stats.norm.logsf(phi_target, loc=mean_out, scale=sd_out) * -1.0
+    mean_in, sd_in = fit(inside)
+    return (stats.norm.logpdf(phi_target, mean_in, sd_in) - stats.norm.logpdf(phi_target, mean_out, sd_out))
+
+
+def rmia_scores(target_logits: np.ndarray, labels: np.ndarray, reference_logits: np.ndarray,
+                population: np.ndarray, gamma: float = 1.0, offline_a: float = 0.3,
+                reference_members: np.ndarray | None = None) -> np.ndarray:
+    """Return RMIA scores: the share of population records z whose likelihood ratio the record beats.
+
+    Pr(x|theta) / Pr(x) with Pr(x) the mean over reference models; with only
+    OUT reference models (offline), Pr(x) is corrected by (1 + a) / 2 * out + (1 - a) / 2
+    as in the paper. `population` indexes records used as z (non-members of the target).
+    """
+    def probability(logits):
+        return 1.0 / (1.0 + np.exp(-true_label_confidence(logits, labels)))
+
+    p_target = probability(target_logits)
+    p_reference = probability(reference_logits)
+    if reference_members is None:
+        p_marginal = p_reference.mean(axis=1)
+    else:
+        out = ~np.asarray(reference_members, dtype=bool)
+        p_out = np.where(out, p_reference, 0.0).sum(axis=1) / np.maximum(out.sum(axis=1), 1)
+        p_marginal = (1 + offline_a) / 2 * p_out + (1 - offline_a) / 2
+    ratio = p_target / np.maximum(p_marginal, 1e-12)
+    z_ratio = np.sort(ratio[population])
+    # Share of z with ratio_x / ratio_z > gamma, i.e. ratio_z < ratio_x / gamma.
+    return np.searchsorted(z_ratio, ratio / gamma, side="left") / z_ratio.size
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """How well an attack separates members from non-members, over pooled trials."""
+
+    auc: float
+    tpr_at: dict[float, tuple[float, float, float]]  # fpr -> (tpr, lower, upper)
+    members: int
+    non_members: int
+
+    def as_dict(self) -> dict:
+        out = {"auc": round(self.auc, 4), "members": self.members, "non_members": self.non_members}
+        for fpr, (tpr, low, high) in self.tpr_at.items():
+            key = f"tpr_at_{fpr * 100:g}pct_fpr"
+            out[key] = {"value": round(tpr, 5), "lower": round(low, 5), "upper": round(high, 5)}
+        return out
+
+
+def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Return the exact binomial confidence interval for successes / trials."""
+    alpha = 1 - level
+    low = stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes > 0 else 0.0
+    high = stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes) if successes < trials else 1.0
+    return float(low), float(high)
+
+
+def roc_curve(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (fpr, tpr) over all thresholds, from the strictest down."""
+    order = np.argsort(-scores, kind="mergesort")
+    member_sorted = np.asarray(members, dtype=bool)[order]
+    tp = np.cumsum(member_sorted)
+    fp = np.cumsum(~member_sorted)
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> tuple[float, int, int]:
+    """Return (tpr, true positives, members) at the strictest threshold whose FPR is at most `fpr`."""
+    members = np.asarray(members, dtype=bool)
+    negatives = np.sort(scores[~members])[::-1]
+    allowed = int(np.floor(fpr * negatives.size))
+    # Flag records scoring strictly above the (allowed+1)-th highest non-member score.
+    threshold = negatives[allowed] if allowed < negatives.size else -np.inf
+    hits = int(np.sum(scores[members] > threshold))
+    return hits / max(int(members.sum()), 1), hits, int(members.sum())
+
+
+def evaluate_attack(scores: np.ndarray, members: np.ndarray, fprs: tuple[float, ...] = LOW_FPRS) -> AttackResult:
+    """Return AUC and TPR at each low FPR (with Clopper-Pearson intervals) of pooled attack trials."""
+    scores = np.asarray(scores, dtype=float)
+    members = np.asarray(members, dtype=bool)
+    tpr_at = {}
+    for fpr in fprs:
+        tpr, hits, total = tpr_at_fpr(scores, members, fpr)
+        low, high = clopper_pearson(hits, total)
+        tpr_at[fpr] = (tpr, low, high)
+    return AttackResult(float(auroc(members.astype(int), scores)), tpr_at, int(members.sum()), int((~members).sum()))
