@@ -26,10 +26,11 @@ FL_SRC := $(shell find fl -name '*.py' 2>/dev/null)
 STAGE1 := $(BUILD)/01_synthetic_ehr/manifest.json
 STAGE2 := $(BUILD)/02_local_baselines/manifest.json
 STAGE3 := $(BUILD)/03_federated_training/manifest.json
+STAGE4 := $(BUILD)/04_privacy_evaluation/manifest.json
 
-.PHONY: all smoke test bench help venv lock clean stage1 stage2 stage3 check-params
+.PHONY: all smoke test bench help venv lock clean stage1 stage2 stage3 stage4 check-params
 
-all: $(STAGE3) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
+all: $(STAGE4) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
 	@echo "done: artifacts in $(BUILD)/, rendered notebooks in $(BUILD)/notebooks/"
 
 smoke: ## the whole pipeline with the small smoke profile
@@ -49,6 +50,11 @@ stage3: $(STAGE3) ## stage 3: federated training with Flower, message ledger
 
 $(STAGE3): $(STAGE2) notebooks/03_federated_training.ipynb $(FL_SRC)
 	$(PY) -m compendium run 03_federated_training --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks on updates)
+
+$(STAGE4): $(STAGE3) notebooks/04_privacy_evaluation.ipynb $(FL_SRC)
+	$(PY) -m compendium run 04_privacy_evaluation --profile $(PROFILE) --build-root $(BUILD_ROOT)
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE)

@@ -96,6 +96,22 @@ class FederatedParams(_Strict):
     round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
 
 
+class PrivacyParams(_Strict):
+    """Stage 4: membership inference with batched reference models, attacks on updates."""
+
+    reference_models: Annotated[int, Field(ge=8, le=4096)] = 64
+    target_models: Annotated[int, Field(ge=2, le=256)] = 8
+    population_size: Annotated[int, Field(ge=50, le=1_000_000)] = 2000
+    positive_control_patients: Annotated[int, Field(ge=10, le=1000)] = 40
+    positive_control_epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
+
+    @model_validator(mode="after")
+    def _targets_below_models(self) -> "PrivacyParams":
+        if self.target_models >= self.reference_models:
+            raise ValueError("target_models must be smaller than reference_models")
+        return self
+
+
 class Profile(_Strict):
     """A whole parameter profile. Later stages add their sections here."""
 
@@ -106,6 +122,7 @@ class Profile(_Strict):
     cohort: CohortParams = CohortParams()
     baselines: BaselineParams = BaselineParams()
     federated: FederatedParams = FederatedParams()
+    privacy: PrivacyParams = PrivacyParams()
 
     def site_profiles(self) -> dict[str, SiteProfile]:
         """Return each synthetic site's full, validated profile."""

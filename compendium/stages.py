@@ -47,6 +47,8 @@ STAGES: dict[str, Stage] = {
               upstream=("01_synthetic_ehr",)),
         Stage("03_federated_training", "Federated training with Flower", ("fl", "data_synth", "compendium"),
               upstream=("01_synthetic_ehr", "02_local_baselines")),
+        Stage("04_privacy_evaluation", "Privacy evaluation", ("fl", "data_synth", "compendium"),
+              upstream=("01_synthetic_ehr", "03_federated_training")),
     )
 }
 

@@ -166,3 +166,37 @@ def data_flow(ledger: pd.DataFrame):
     ax.text(5.5, 5.85, "Patient records never leave a hospital; only the items listed travel "
             "(weights, aggregate statistics, settings, metrics).", ha="center", fontsize=9)
     return fig
+
+
+def attack_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str):
+    """Return membership-inference ROC curves on log-log axes (the low-FPR regime is what matters)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=name)
+    grid = np.logspace(-5, 0, 50)
+    ax.plot(grid, grid, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(1e-4, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def exposure_histogram(values: pd.Series, bins: int = 40):
+    """Return a histogram of per-patient exposure; bins holding fewer than 5 patients are not drawn."""
+    from compendium.disclosure import is_small
+
+    counts, edges = np.histogram(values.to_numpy(), bins=bins)
+    shown = np.where(is_small(counts), 0, counts)
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.bar(edges[:-1], shown, width=np.diff(edges), align="edge", color="C0")
+    ax.set_xlabel("score gap (member minus non-member)")
+    ax.set_ylabel("patients")
+    ax.set_title("Per-patient exposure (bins under 5 patients not shown)")
+    fig.tight_layout()
+    return fig

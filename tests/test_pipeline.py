@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 BASELINES = "02_local_baselines"
 FEDERATED = "03_federated_training"
+PRIVACY = "04_privacy_evaluation"
 REQUIRED_MODELS = ("local_halland", "local_sahlgrenska", "pooled", "oracle", "lace", "gbt")
 
 
@@ -28,6 +29,7 @@ def smoke_run(tmp_path_factory):
     folder = run_stage(STAGE, "smoke", build_root=root, progress=False)
     run_stage(BASELINES, "smoke", build_root=root, progress=False)
     run_stage(FEDERATED, "smoke", build_root=root, progress=False)
+    run_stage(PRIVACY, "smoke", build_root=root, progress=False)
     return root, folder
 
 
@@ -62,7 +64,7 @@ def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
 
 def test_same_profile_and_seed_give_identical_artifacts(smoke_run, tmp_path):
     first_root, _ = smoke_run
-    for stage in (STAGE, BASELINES, FEDERATED):
+    for stage in (STAGE, BASELINES, FEDERATED, PRIVACY):
         first = first_root / "smoke" / stage
         second = run_stage(stage, "smoke", build_root=tmp_path, progress=False)
         a = json.loads((first / "manifest.json").read_text())["outputs"]
@@ -108,6 +110,19 @@ def test_federated_summary_and_ledger(smoke_run):
         assert len(rounds) == summary["rounds"] + 1  # the initial model and one per round
     html = (root / "smoke" / "notebooks" / f"{FEDERATED}.html").read_text()
     assert html.count("data:image/png") >= 3
+
+
+def test_privacy_summary_has_every_attack_and_position(smoke_run):
+    root, _ = smoke_run
+    summary = json.loads((root / "smoke" / PRIVACY / "summary.json").read_text())
+    positions = {entry["position"] for entry in summary["attacks"]}
+    assert {"A/B: released model (scores or weights)", "positive control", "null control",
+            "C: server, site update", "D: other hospital, recovered update"} <= positions
+    for entry in summary["attacks"]:
+        assert 0.0 <= entry["auc"] <= 1.0 and entry["members"] > 0 and entry["non_members"] > 0
+        for key in ("tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"):
+            assert entry[key]["lower"] <= entry[key]["value"] <= entry[key]["upper"]
+    assert summary["partner_recovery_max_error"] < 1e-5
 
 
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):

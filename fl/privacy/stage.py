@@ -1,0 +1,148 @@
+"""Stage 4: run the privacy attacks of each attacker position and summarise them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from compendium.params import Profile
+from fl.baselines import site_splits
+from fl.data import MODEL_INPUTS, SiteSplit
+from fl.federated import initial_weights
+from fl.flower.server_app import CHECKPOINTS, local_train_config
+from fl.flower.stage import load_result
+from fl.privacy import membership as mi
+from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, null_control, run
+from fl.privacy.updates import UpdateAttack, attack_round
+
+FEDERATED = Path("03_federated_training")
+ATTACK_LABELS = {"loss": "loss threshold", "lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)",
+                 "rmia": "RMIA"}
+
+
+def require_logistic(profile: Profile) -> None:
+    """Raise unless the profile's model is the logistic regression the batched attacks support."""
+    if profile.baselines.model != "logistic":
+        raise ValueError(f"stage 4 attacks a logistic-regression federation; baselines.model is "
+                         f"{profile.baselines.model!r} in params/{profile.profile}.yaml")
+
+
+def recipe(profile: Profile) -> TrainingRecipe:
+    """Return the federated training every reference model repeats (the profile's FedAvg run)."""
+    f = profile.federated
+    weights = initial_weights("logistic", MODEL_INPUTS, (), profile.seed)
+    return TrainingRecipe(f.rounds, f.local_epochs, f.learning_rate, f.weight_decay, (weights[0], weights[1]))
+
+
+def membership(profile: Profile, build_dir: Path) -> MembershipExperiment:
+    """Return the pooled membership-inference experiment on the federated pipeline (positions A and B)."""
+    require_logistic(profile)
+    sites = site_splits(build_dir, profile.sites, "all")
+    p = profile.privacy
+    return run(sites, p.reference_models, p.target_models, recipe(profile), profile.seed, p.population_size)
+
+
+def _head(data: SiteSplit, n: int) -> SiteSplit:
+    return SiteSplit(data.site, data.split, data.features.iloc[:n].reset_index(drop=True), data.labels[:n],
+                     data.sex.iloc[:n].reset_index(drop=True), data.age_band.iloc[:n].reset_index(drop=True),
+                     data.lace[:n])
+
+
+def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
+    """Return the same experiment on a deliberately overfit federation (few patients, long training)."""
+    p = profile.privacy
+    sites = {s: _head(d, p.positive_control_patients) for s, d in site_splits(build_dir, profile.sites, "all").items()}
+    base = recipe(profile)
+    overfit = TrainingRecipe(10, p.positive_control_epochs, 0.2, 0.0, base.initial)
+    models = max(p.reference_models, 32)
+    return run(sites, models, models // 2, overfit, profile.seed, population_size=2 * p.positive_control_patients)
+
+
+def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
+    """Return positions C and D attacks on the first, middle and last round, against each site."""
+    require_logistic(profile)
+    folder = Path(build_dir) / FEDERATED / "fedavg"
+    spec = load_result(folder, "fedavg").spec
+    train = site_splits(build_dir, profile.sites, "train")
+    test = site_splits(build_dir, profile.sites, "test")
+    sites = {s: (train[s], test[s]) for s in profile.sites}
+    rounds = sorted({1, max(1, profile.federated.rounds // 2), profile.federated.rounds})
+    attacks = []
+    for server_round in rounds:
+        saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
+        weights = [saved["weight_0"], saved["weight_1"]]
+        for victim in profile.sites:
+            attacks.append(attack_round(weights, sites, spec, local_train_config(profile), profile.seed,
+                                        server_round, victim))
+    return attacks
+
+
+def results_table(experiment: MembershipExperiment, position: str) -> pd.DataFrame:
+    """Return one row per attack: AUC, TPR at 0.1% and 1% FPR with 95% CIs, trials."""
+    rows = []
+    for attack, result in experiment.results.items():
+        d = result.as_dict()
+        rows.append({
+            "position": position, "attack": ATTACK_LABELS[attack], "auc": d["auc"],
+            "tpr@0.1%fpr": f"{d['tpr_at_0.1pct_fpr']['value']:.4f} ({d['tpr_at_0.1pct_fpr']['lower']:.4f}-"
+                           f"{d['tpr_at_0.1pct_fpr']['upper']:.4f})",
+            "tpr@1%fpr": f"{d['tpr_at_1pct_fpr']['value']:.4f} ({d['tpr_at_1pct_fpr']['lower']:.4f}-"
+                         f"{d['tpr_at_1pct_fpr']['upper']:.4f})",
+            "member trials": d["members"], "non-member trials": d["non_members"],
+        })
+    return pd.DataFrame(rows)
+
+
+def exposure_quantiles(gap: pd.Series) -> pd.DataFrame:
+    """Return quantiles of the per-patient exposure (no minimum or maximum: those are single patients)."""
+    quantiles = [0.1, 0.5, 0.9, 0.99]
+    table = pd.DataFrame({"quantile": quantiles, "score gap": np.quantile(gap.to_numpy(), quantiles).round(3)})
+    table.attrs["patients"] = int(gap.size)
+    return table
+
+
+def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return each attack's pooled ROC curve."""
+    return {ATTACK_LABELS[a]: mi.roc_curve(s, experiment.members) for a, s in experiment.scores.items()}
+
+
+def update_table(attacks: list[UpdateAttack]) -> pd.DataFrame:
+    """Return per round and victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
+    return pd.DataFrame([{
+        "round": a.server_round, "victim site": a.victim,
+        "D recovers the partner's model (max abs error)": f"{a.partner_recovery_error:.1e}",
+        "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
+        "D: AUC": round(a.other_hospital.auc, 4), "D: TPR@1%FPR": round(a.other_hospital.tpr_at[0.01][0], 4),
+    } for a in attacks])
+
+
+def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
+            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack]) -> dict:
+    """Return stage 4's summary.json: one entry per (attack, position, target model)."""
+    entries = []
+    for attack, result in experiment.results.items():
+        entries.append({"attack": attack, "position": "A/B: released model (scores or weights)",
+                        "target_model": "federated FedAvg, pooled over targets", **result.as_dict()})
+    for attack, result in control.results.items():
+        entries.append({"attack": attack, "position": "positive control", "target_model": "overfit federation",
+                        **result.as_dict()})
+    for attack, result in null.items():
+        entries.append({"attack": attack, "position": "null control", "target_model": "non-members only",
+                        **result.as_dict()})
+    for a in attacks:
+        for position, result in (("C: server, site update", a.server), ("D: other hospital, recovered update",
+                                                                          a.other_hospital)):
+            entries.append({"attack": "loss_drop", "position": position,
+                            "target_model": f"round {a.server_round} update of {a.victim}", **result.as_dict()})
+    return {
+        "stage": "04_privacy_evaluation",
+        "profile": profile.profile,
+        "seed": profile.seed,
+        "reference_models": experiment.models,
+        "target_models": experiment.targets,
+        "attacks": entries,
+        "partner_recovery_max_error": max(a.partner_recovery_error for a in attacks),
+        "not_yet_measured": ["DP-SGD and the privacy-utility frontier", "client-level DP", "secure aggregation",
+                             "attribute inference", "canaries", "optimisation-based reconstruction"],
+    }

@@ -1,0 +1,70 @@
+"""Attacks on per-round updates: what the server (C) and the other hospital (D) can learn.
+
+The server sees each site's locally trained model every round. With two
+sites, the other hospital can compute its partner's model from the
+aggregate and its own (`reconstruction.partner_update`), so secure
+aggregation does not hide it. Given a site's model before and after its
+local training, a record whose loss dropped more is more likely one of that
+site's training records: the score is the per-record loss change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fl.data import PreprocessingSpec, SiteSplit
+from fl.federated import local_update, predict, round_seed, weighted_average
+from fl.privacy import membership as mi
+from fl.privacy.reconstruction import partner_update
+from fl.train import TrainConfig
+
+
+def loss_drop_scores(before: list[np.ndarray], after: list[np.ndarray], features: np.ndarray,
+                     labels: np.ndarray) -> np.ndarray:
+    """Return each record's loss under `before` minus its loss under `after` (larger: more likely trained on)."""
+    def losses(weights):
+        p = np.clip(predict("logistic", (), weights, features), 1e-7, 1 - 1e-7)
+        return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+    return losses(before) - losses(after)
+
+
+@dataclass
+class UpdateAttack:
+    """One round seen by the server and by the other hospital."""
+
+    server_round: int
+    victim: str
+    partner_recovery_error: float  # max |recovered - true| of the partner's model
+    server: mi.AttackResult  # position C: the site's own update
+    other_hospital: mi.AttackResult  # position D: the update recovered from the aggregate
+
+
+def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
+                 spec: PreprocessingSpec, config: TrainConfig, seed: int, server_round: int,
+                 victim: str) -> UpdateAttack:
+    """Replay one FedAvg round from `global_weights` and attack `victim`'s update from positions C and D.
+
+    `sites[name]` is (train split, test split); the victim's train rows are
+    the members, its test rows the non-members.
+    """
+    updates = {}
+    for name, (train, _) in sorted(sites.items()):
+        updates[name] = local_update("logistic", (), global_weights, spec.transform(train.features), train.labels,
+                                     config, round_seed(seed, name, server_round))
+    aggregate = weighted_average([updates[name] for name in sorted(updates)])
+    (partner_name,) = [name for name in sites if name != victim]
+    own = updates[partner_name]
+    recovered = partner_update(aggregate, own.weights, own.num_examples, updates[victim].num_examples)
+    error = max(float(np.max(np.abs(r - t))) for r, t in zip(recovered, updates[victim].weights))
+    train, test = sites[victim]
+    features = spec.transform(pd.concat([train.features, test.features], ignore_index=True))
+    labels = np.concatenate([train.labels, test.labels])
+    members = np.r_[np.ones(len(train), bool), np.zeros(len(test), bool)]
+    server = mi.evaluate_attack(loss_drop_scores(global_weights, updates[victim].weights, features, labels), members)
+    recovered32 = [r.astype(np.float32) for r in recovered]
+    other = mi.evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
+    return UpdateAttack(server_round, victim, error, server, other)
+
