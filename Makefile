@@ -27,11 +27,14 @@ STAGE1 := $(BUILD)/01_synthetic_ehr/manifest.json
 STAGE2 := $(BUILD)/02_local_baselines/manifest.json
 STAGE3 := $(BUILD)/03_federated_training/manifest.json
 STAGE4 := $(BUILD)/04_privacy_evaluation/manifest.json
+STAGE5 := $(BUILD)/05_report/manifest.json
+SITE := $(BUILD)/site/index.html
+REPORT_SRC := $(shell find report -type f 2>/dev/null)
 
-.PHONY: all smoke test bench help venv lock clean stage1 stage2 stage3 stage4 check-params
+.PHONY: all smoke test bench help venv lock clean stage1 stage2 stage3 stage4 report scan check-params
 
-all: $(STAGE4) ## bootstrap .venv if missing and run every stage for PROFILE (default: default)
-	@echo "done: artifacts in $(BUILD)/, rendered notebooks in $(BUILD)/notebooks/"
+all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
+	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
 
 smoke: ## the whole pipeline with the small smoke profile
 	@$(MAKE) --no-print-directory all PROFILE=smoke
@@ -55,6 +58,17 @@ stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks 
 
 $(STAGE4): $(STAGE3) notebooks/04_privacy_evaluation.ipynb $(FL_SRC)
 	$(PY) -m compendium run 04_privacy_evaluation --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+report: $(SITE) ## stage 5: the pilot report (HTML, PDF, en + sv) and the reviewer site
+
+$(STAGE5): $(STAGE4) notebooks/05_report.ipynb $(REPORT_SRC)
+	$(PY) -m compendium run 05_report --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+$(SITE): $(STAGE5)
+	$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+scan: $(SITE) ## leak scan of every rendered page and PDF (fails on a finding)
+	$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT)
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE)

@@ -28,8 +28,8 @@ def normalise_freeze(lines: list[str]) -> list[str]:
     pins = []
     for raw in lines:
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+        if not line or line.startswith("#") or line.startswith("-e "):
+            continue  # comments, and the project itself installed in editable mode
         match = _PIN.match(line)
         if match is None:
             raise ValueError(f"pip freeze line is not an exact pin: {line!r}")

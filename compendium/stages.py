@@ -49,6 +49,8 @@ STAGES: dict[str, Stage] = {
               upstream=("01_synthetic_ehr", "02_local_baselines")),
         Stage("04_privacy_evaluation", "Privacy evaluation", ("fl", "data_synth", "compendium"),
               upstream=("01_synthetic_ehr", "03_federated_training")),
+        Stage("05_report", "The pilot report", ("report", "compendium"),
+              upstream=("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")),
     )
 }
 

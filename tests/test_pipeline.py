@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 BASELINES = "02_local_baselines"
 FEDERATED = "03_federated_training"
 PRIVACY = "04_privacy_evaluation"
+REPORT = "05_report"
 REQUIRED_MODELS = ("local_halland", "local_sahlgrenska", "pooled", "oracle", "lace", "gbt")
 
 
@@ -30,6 +31,10 @@ def smoke_run(tmp_path_factory):
     run_stage(BASELINES, "smoke", build_root=root, progress=False)
     run_stage(FEDERATED, "smoke", build_root=root, progress=False)
     run_stage(PRIVACY, "smoke", build_root=root, progress=False)
+    run_stage(REPORT, "smoke", build_root=root, progress=False)
+    from report.site import build_site
+
+    build_site(root / "smoke", "smoke")
     return root, folder
 
 

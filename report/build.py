@@ -1,0 +1,190 @@
+"""The pilot report: a template filled only from the pipeline's artifacts.
+
+`collect(build_dir)` reads every stage's summary.json, manifest.json, ledger
+and figures into one context; `render(context, language)` fills the HTML
+template with the fixed text of that language (report/text/<lang>.yaml);
+`write_pdf` prints the HTML with headless Chromium. No number is typed here:
+if an artifact changes, the report changes with it (a test checks).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+import yaml
+
+from data_synth.cohort import FEATURES
+
+REPORT_DIR = Path(__file__).resolve().parent
+LANGUAGES = ("en", "sv")
+STAGES = ("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")
+FIGURES = {
+    "missingness": "01_synthetic_ehr/figures/missingness.png",
+    "auroc_forest": "02_local_baselines/figures/auroc_forest.png",
+    "size_sweep": "02_local_baselines/figures/size_sweep.png",
+    "learning_curves": "03_federated_training/figures/learning_curves.png",
+    "data_flow": "03_federated_training/figures/data_flow.png",
+    "roc_federated": "04_privacy_evaluation/figures/roc_federated.png",
+    "roc_positive_control": "04_privacy_evaluation/figures/roc_positive_control.png",
+}
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+
+
+class ReportError(RuntimeError):
+    """An artifact the report needs is missing or malformed."""
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: run the earlier stages first (`make all`)")
+    return json.loads(path.read_text())
+
+
+def _ci(estimate: dict, digits: int = 3) -> str:
+    return f"{estimate['value']:.{digits}f} ({estimate['lower']:.{digits}f}-{estimate['upper']:.{digits}f})"
+
+
+def _figure(path: Path) -> str:
+    if not path.is_file():
+        raise ReportError(f"figure {path} is missing")
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def ledger_table(ledger_path: Path) -> list[dict]:
+    """Return one row per (message type, direction): records with shapes, bytes per message, messages."""
+    lines = [json.loads(line) for line in ledger_path.read_text().splitlines()]
+    rows = {}
+    for line in lines:
+        key = (line["message_type"], line["direction"])
+        if key in rows:
+            rows[key]["messages"] += 1
+            continue
+        parts = []
+        for record in line["records"]:
+            if record["kind"] == "arrays":
+                shapes = ", ".join("x".join(map(str, e["shape"])) + " " + e["dtype"] for e in record["entries"])
+                parts.append(f"{record['key']}: {shapes}")
+            else:
+                parts.append(f"{record['key']}: " + ", ".join(e["name"] for e in record["entries"]))
+        rows[key] = {"message": line["message_type"], "direction": line["direction"], "records": "; ".join(parts),
+                     "bytes": line["bytes"], "messages": 1}
+    return list(rows.values())
+
+
+def collect(build_dir: Path) -> dict:
+    """Return everything the report shows, read from the artifacts under build_dir."""
+    build_dir = Path(build_dir)
+    summaries = {stage: _json(build_dir / stage / "summary.json") for stage in STAGES}
+    manifests = {stage: _json(build_dir / stage / "manifest.json") for stage in STAGES}
+    synth, base, fed, priv = (summaries[s] for s in STAGES)
+    sites = list(synth["sites"])
+    discrimination = []
+    for model in ("oracle", "pooled", *(f"local_{s}" for s in sites), "gbt", "lace"):
+        discrimination.append({"model": model, **{s: _ci(base["auroc"][model][s]) for s in sites}})
+    for strategy in fed["strategies"]:
+        discrimination.append({"model": f"federated ({strategy})",
+                               **{s: _ci(fed["auroc"][strategy][s]) for s in sites}})
+    attacks = [a for a in priv["attacks"] if not a["position"].startswith(("C:", "D:"))]
+    updates = [a for a in priv["attacks"] if a["position"].startswith(("C:", "D:"))]
+    released = [a for a in attacks if a["position"].startswith("A/B")]
+    strongest = max(released, key=lambda a: a["tpr_at_1pct_fpr"]["value"])
+    control = [a for a in attacks if a["position"] == "positive control"]
+    strongest_control = max(control, key=lambda a: a["tpr_at_1pct_fpr"]["value"])
+    first = manifests[STAGES[0]]
+    return {
+        "profile": synth["profile"],
+        "seed": synth["seed"],
+        "commit": (first["git"]["commit"] or "unknown")[:12],
+        "created": max(m["created_utc"] for m in manifests.values()),
+        "sites": sites,
+        "site_rows": [{"site": s, **synth["sites"][s]} for s in sites],
+        "discrimination": discrimination,
+        "fedavg": {s: fed["auroc"]["fedavg"][s]["value"] for s in sites} if "fedavg" in fed["auroc"] else {},
+        "pooled": {s: base["auroc"]["pooled"][s]["value"] for s in sites},
+        "local_own": {s: base["auroc"][f"local_{s}"][s]["value"] for s in sites},
+        "oracle": {s: base["auroc"]["oracle"][s]["value"] for s in sites},
+        "bytes": fed["bytes_exchanged_per_site"],
+        "rounds": fed["rounds"],
+        "strategies": fed["strategies"],
+        "sweep": base["size_sweep"],
+        "attacks": attacks,
+        "updates": updates,
+        "strongest": strongest,
+        "strongest_control": strongest_control,
+        "reference_models": priv["reference_models"],
+        "target_models": priv["target_models"],
+        "partner_error": priv["partner_recovery_max_error"],
+        "not_yet_measured": priv.get("not_yet_measured", []),
+        "ledger": ledger_table(build_dir / "03_federated_training" / fed["strategies"][0] / "ledger.jsonl"),
+        "variables": [{"name": f.name, "kind": f.kind, "source": f.source, "why": f.why} for f in FEATURES],
+        "figures": {name: _figure(build_dir / rel) for name, rel in FIGURES.items()},
+        "parameters": yaml.safe_dump(first["parameters"], sort_keys=False),
+        "provenance": [{"stage": s, "wall_seconds": m["wall_seconds"], "created": m["created_utc"],
+                        "outputs": len(m["outputs"]),
+                        "data_hashes": [f"{o['path']}: {o['sha256'][:16]}" for o in m["outputs"]
+                                        if o["path"].endswith(("cohort.parquet", "summary.json", "final_model.npz"))]}
+                       for s, m in manifests.items()],
+        "packages": first["packages"],
+        "experiments": yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"],
+    }
+
+
+def render(context: dict, language: str) -> str:
+    """Return the self-contained report HTML in `language`."""
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    text = yaml.safe_load((REPORT_DIR / "text" / f"{language}.yaml").read_text())
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(REPORT_DIR / "templates"),
+                                     autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html.j2").render(t=text, c=context)
+
+
+def find_chromium() -> str | None:
+    """Return the path of a headless-capable Chromium, or None."""
+    for name in CHROMIUM_CANDIDATES:
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def write_pdf(html: Path, pdf: Path) -> Path:
+    """Print an HTML file to PDF with headless Chromium."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise ReportError("no Chromium found for the PDF: install Debian's package (apt-get install chromium)")
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--no-pdf-header-footer",
+         f"--print-to-pdf={pdf}", html.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 or not pdf.is_file():
+        raise ReportError(f"Chromium could not print {html} to PDF: {result.stderr[-500:]}")
+    return pdf
+
+
+def build(build_dir: Path, output_dir: Path, pdf: bool = True) -> dict[str, Path]:
+    """Write pilot_report.html (English), pilot_report.sv.html (Swedish) and their PDFs; return the paths."""
+    context = collect(build_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for language in LANGUAGES:
+        suffix = "" if language == "en" else f".{language}"
+        html = output_dir / f"pilot_report{suffix}.html"
+        html.write_text(render(context, language))
+        written[f"html_{language}"] = html
+        if pdf:
+            written[f"pdf_{language}"] = write_pdf(html, output_dir / f"pilot_report{suffix}.pdf")
+    return written
+
+
+def numbers_table(context: dict) -> pd.DataFrame:
+    """Return the headline numbers as a small table (for the notebook)."""
+    return pd.DataFrame({
+        "federated (FedAvg)": context["fedavg"], "pooled": context["pooled"],
+        "own site only": context["local_own"], "oracle": context["oracle"],
+    }).round(3)

@@ -1,0 +1,72 @@
+"""The reviewer site: build/<profile>/site/index.html linking everything a reviewer reads.
+
+Links are relative, so the site works opened from disk (file://) and served.
+Written to a staging folder and renamed into place.
+"""
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from compendium.params import profile_path
+from compendium.stages import STAGES
+
+REPORT_STAGE = "05_report"
+
+
+def _link(href: str, text: str) -> str:
+    return f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>'
+
+
+def build_site(profile_dir: Path, profile: str) -> Path:
+    """Write site/index.html (and a copy of the parameters) under profile_dir; return the index path."""
+    profile_dir = Path(profile_dir)
+    report = profile_dir / REPORT_STAGE
+    if not (report / "pilot_report.html").is_file():
+        raise FileNotFoundError(f"{report / 'pilot_report.html'} is missing: run `make all PROFILE={profile}`")
+    staging = Path(tempfile.mkdtemp(prefix=".site-", dir=profile_dir))
+    try:
+        shutil.copyfile(profile_path(profile), staging / "parameters.yaml")
+        items = {
+            "Pilot report": [
+                _link(f"../{REPORT_STAGE}/pilot_report.html", "Pilot report (HTML, English)"),
+                _link(f"../{REPORT_STAGE}/pilot_report.pdf", "Pilot report (PDF, English)"),
+                _link(f"../{REPORT_STAGE}/pilot_report.sv.html", "Pilotrapport (HTML, svenska)"),
+                _link(f"../{REPORT_STAGE}/pilot_report.sv.pdf", "Pilotrapport (PDF, svenska)"),
+            ],
+            "Rendered notebooks": [
+                _link(f"../notebooks/{name}.html", f"{name}: {stage.title}")
+                for name, stage in STAGES.items() if (profile_dir / "notebooks" / f"{name}.html").is_file()
+            ],
+            "Data card": [_link("../notebooks/01_synthetic_ehr.html", "Data card (stage 1 notebook)")],
+            "Parameters and provenance": [_link("parameters.yaml", f"Parameters: params/{profile}.yaml")] + [
+                _link(f"../{name}/manifest.json", f"Manifest of {name}")
+                for name in STAGES if (profile_dir / name / "manifest.json").is_file()
+            ],
+        }
+        created = json.loads((report / "manifest.json").read_text())["created_utc"] if (
+            report / "manifest.json").is_file() else ""
+        sections = "\n".join(f"<h2>{html.escape(title)}</h2>\n<ul>\n" + "\n".join(links) + "\n</ul>"
+                             for title, links in items.items())
+        (staging / "index.html").write_text(f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Reviewer site: federated heart-failure pilot ({html.escape(profile)})</title>
+<style>body {{ font-family: "DejaVu Sans", Arial, sans-serif; max-width: 48rem; margin: 2rem auto; line-height: 1.5; }}</style>
+</head><body>
+<h1>Federated heart-failure readmission pilot: reviewer site</h1>
+<p>Profile <b>{html.escape(profile)}</b>{", report built " + html.escape(created) if created else ""}. Synthetic data only;
+everything here was produced by <code>make all PROFILE={html.escape(profile)}</code>.</p>
+{sections}
+</body></html>
+""")
+        target = profile_dir / "site"
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return profile_dir / "site" / "index.html"
