@@ -31,7 +31,7 @@ STAGE5 := $(BUILD)/05_report/manifest.json
 SITE := $(BUILD)/site/index.html
 REPORT_SRC := $(shell find report -type f 2>/dev/null)
 
-.PHONY: all smoke test bench help venv lock clean stage1 stage2 stage3 stage4 report scan check-params
+.PHONY: all smoke test bench help venv lock clean lab stage1 stage2 stage3 stage4 report scan check-params
 
 all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
 	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
@@ -69,6 +69,10 @@ $(SITE): $(STAGE5)
 
 scan: $(SITE) ## leak scan of every rendered page and PDF (fails on a finding)
 	$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel ("fedhf")
+	$(PY) -m ipykernel install --sys-prefix --name fedhf --display-name "Python (fedhf compendium)" >/dev/null
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE)

@@ -69,9 +69,20 @@ def test_stage_writes_artifacts_manifest_and_rendered_notebook(smoke_run):
 
 def test_same_profile_and_seed_give_identical_artifacts(smoke_run, tmp_path):
     first_root, _ = smoke_run
-    for stage in (STAGE, BASELINES, FEDERATED, PRIVACY):
+    for stage in (STAGE, BASELINES, FEDERATED, PRIVACY, REPORT):
         first = first_root / "smoke" / stage
         second = run_stage(stage, "smoke", build_root=tmp_path, progress=False)
+        if stage == REPORT:
+            # Reports may differ only in timestamps and run times.
+            import re
+
+            def normalise(html: str) -> str:
+                html = re.sub(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00", "<time>", html)
+                return re.sub(r"<td>\d+\.\d+</td><td>\d+</td>", "<td><seconds></td><td>", html)
+
+            for name in ("pilot_report.html", "pilot_report.sv.html"):
+                assert normalise((first / name).read_text()) == normalise((second / name).read_text()), name
+            continue
         a = json.loads((first / "manifest.json").read_text())["outputs"]
         b = json.loads((second / "manifest.json").read_text())["outputs"]
         data = lambda records: {r["path"]: r["sha256"] for r in records if not r["path"].startswith("figures/")}  # noqa: E731

@@ -123,6 +123,22 @@ def test_reviewer_site_links_resolve_and_figures_render_in_a_browser(built):
             count = page.eval_on_selector_all("img", "els => els.length")
             assert count == 7 and broken == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        # Served over HTTP, the same relative links resolve.
+        import functools
+        import http.server
+        import threading
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://127.0.0.1:{server.server_address[1]}/site/index.html"
+            page.goto(base)
+            for href in page.eval_on_selector_all("a", "els => els.map(e => e.href)"):
+                assert page.request.get(href).status == 200, href
+        finally:
+            server.shutdown()
         for notebook in (built / "notebooks").glob("*.html"):
             page.goto(notebook.resolve().as_uri())
             broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || e.naturalWidth === 0).length")
