@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from compendium.artifacts import git_state, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (100_000, 1_000_000)
@@ -230,22 +231,6 @@ def evaluate_targets(results: list[dict]) -> dict:
     }
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
 def machine_facts() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -261,9 +246,7 @@ def machine_facts() -> dict:
         "memory_mib": round(memory) if memory else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "numpy": _version("numpy"),
-        "pyarrow": _version("pyarrow"),
-        "pandas": _version("pandas"),
+        **package_versions(("numpy", "pyarrow", "pandas")),
     }
 
 
@@ -378,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_method": "sum of file sizes (st_size) under the site folder: omop/*.parquet, ground_truth.parquet, "
                         "cohort.parquet, attrition.json",
         "machine": machine_facts(),
-        "git": _git_commit(),
+        "git": git_state(),
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(args.out, data)

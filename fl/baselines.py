@@ -126,10 +126,7 @@ def smallest_site(train: dict[str, SiteSplit]) -> str:
 
 
 def _subsample(data: SiteSplit, fraction: float, rng: np.random.Generator) -> SiteSplit:
-    keep = np.sort(rng.permutation(len(data))[: max(20, int(round(fraction * len(data))))])
-    return SiteSplit(data.site, data.split, data.features.iloc[keep].reset_index(drop=True), data.labels[keep],
-                     data.sex.iloc[keep].reset_index(drop=True), data.age_band.iloc[keep].reset_index(drop=True),
-                     data.lace[keep])
+    return data.take(np.sort(rng.permutation(len(data))[: max(20, int(round(fraction * len(data))))]))
 
 
 def size_sweep(train: dict[str, SiteSplit], test: dict[str, SiteSplit], params: BaselineParams,

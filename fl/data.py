@@ -52,6 +52,13 @@ class SiteSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, rows: np.ndarray) -> "SiteSplit":
+        """Return the split restricted to the given row positions (in that order)."""
+        rows = np.asarray(rows)
+        return SiteSplit(self.site, self.split, self.features.iloc[rows].reset_index(drop=True), self.labels[rows],
+                         self.sex.iloc[rows].reset_index(drop=True), self.age_band.iloc[rows].reset_index(drop=True),
+                         self.lace[rows])
+
 
 def site_dir(build_dir: Path, site: str) -> Path:
     """Return a site's stage-1 folder within a profile's build folder."""

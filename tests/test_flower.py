@@ -10,13 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from compendium.params import PARAMS_DIR, load_params
-from data_synth.cohort import CohortSpec, write_cohort
-from data_synth.generator import generate_site
-from data_synth.sites import site_profile
 from fl.data import FEATURE_NAMES, load_site, site_dir
 from fl.federated import fedavg_plain, initial_weights
 from fl.flower.engine import run_direct
 from fl.flower.server_app import FederationError, local_train_config
+from synthetic_sites import build_sites
 
 SITES = {"halland": 500, "sahlgrenska": 800}
 
@@ -24,10 +22,7 @@ SITES = {"halland": 500, "sahlgrenska": 800}
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
-    for site, patients in SITES.items():
-        folder = site_dir(root, site)
-        generate_site(site_profile(site, {"patients": patients}), 5, folder, progress=False)
-        write_cohort(folder / "omop", folder, CohortSpec(seed=5), site, progress=False)
+    build_sites(root, SITES, seed=5)
     return root
 
 

@@ -4,32 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_synth.cohort import CohortSpec, write_cohort
-from data_synth.generator import generate_site
-from data_synth.sites import site_profile
-from fl.data import MODEL_INPUTS, SiteSplit, load_site, site_dir
+from fl.data import MODEL_INPUTS, load_site
 from fl.federated import initial_weights, weighted_average, LocalResult
 from fl.privacy import membership as mi
 from fl.privacy.experiment import TrainingRecipe, null_control, run
 from fl.privacy.reconstruction import partner_update, reconstruct_record, single_record_gradient
+from synthetic_sites import build_sites
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    out = {}
-    for site, patients in {"halland": 700, "sahlgrenska": 1000}.items():
-        folder = site_dir(root, site)
-        generate_site(site_profile(site, {"patients": patients}), 21, folder, progress=False)
-        write_cohort(folder / "omop", folder, CohortSpec(seed=21), site, progress=False)
-        out[site] = load_site(folder, "all")
-    return out
-
-
-def _head(data: SiteSplit, n: int) -> SiteSplit:
-    return SiteSplit(data.site, data.split, data.features.iloc[:n].reset_index(drop=True), data.labels[:n],
-                     data.sex.iloc[:n].reset_index(drop=True), data.age_band.iloc[:n].reset_index(drop=True),
-                     data.lace[:n])
+    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
+    return {site: load_site(folder, "all") for site, folder in folders.items()}
 
 
 def _start():
@@ -80,7 +66,7 @@ def test_non_members_against_non_members_give_chance(sites):
 
 def test_an_overfit_model_is_attacked_successfully(sites):
     """Positive control: 40 patients per site, long training, no weight decay."""
-    tiny = {s: _head(d, 40) for s, d in sites.items()}
+    tiny = {s: d.take(np.arange(40)) for s, d in sites.items()}
     experiment = run(tiny, models=64, targets=32, recipe=TrainingRecipe(10, 100, 0.2, 0.0, _start()), seed=4,
                      population_size=80)
     lira = experiment.results["lira_online"]

@@ -5,27 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from data_synth.cohort import CohortSpec, write_cohort
-from data_synth.generator import generate_site
-from data_synth.sites import site_profile
-from fl.data import FeatureStatistics, PreprocessingSpec, load_site, site_dir
+from fl.data import FeatureStatistics, PreprocessingSpec, load_site
 from fl.federated import fedavg_plain, initial_weights, predict
 from fl.privacy.reference import SiteTensors, member_statistics, membership_masks, train_federated
 from fl.train import TrainConfig
+from synthetic_sites import build_sites
 
 ROUNDS, EPOCHS, LR, WD = 4, 3, 0.05, 1e-4
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    out = {}
-    for site, patients in {"halland": 600, "sahlgrenska": 900}.items():
-        folder = site_dir(root, site)
-        generate_site(site_profile(site, {"patients": patients}), 8, folder, progress=False)
-        write_cohort(folder / "omop", folder, CohortSpec(seed=8), site, progress=False)
-        out[site] = load_site(folder, "all")
-    return out
+    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 600, "sahlgrenska": 900}, seed=8)
+    return {site: load_site(folder, "all") for site, folder in folders.items()}
 
 
 def _plain_model(sites, members):

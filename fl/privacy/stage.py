@@ -8,7 +8,7 @@ import pandas as pd
 
 from compendium.params import Profile
 from fl.baselines import site_splits
-from fl.data import MODEL_INPUTS, SiteSplit
+from fl.data import MODEL_INPUTS
 from fl.federated import initial_weights
 from fl.flower.server_app import CHECKPOINTS, local_train_config
 from fl.flower.stage import load_result
@@ -43,16 +43,11 @@ def membership(profile: Profile, build_dir: Path) -> MembershipExperiment:
     return run(sites, p.reference_models, p.target_models, recipe(profile), profile.seed, p.population_size)
 
 
-def _head(data: SiteSplit, n: int) -> SiteSplit:
-    return SiteSplit(data.site, data.split, data.features.iloc[:n].reset_index(drop=True), data.labels[:n],
-                     data.sex.iloc[:n].reset_index(drop=True), data.age_band.iloc[:n].reset_index(drop=True),
-                     data.lace[:n])
-
-
 def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
     """Return the same experiment on a deliberately overfit federation (few patients, long training)."""
     p = profile.privacy
-    sites = {s: _head(d, p.positive_control_patients) for s, d in site_splits(build_dir, profile.sites, "all").items()}
+    sites = {s: d.take(np.arange(min(p.positive_control_patients, len(d))))
+             for s, d in site_splits(build_dir, profile.sites, "all").items()}
     base = recipe(profile)
     overfit = TrainingRecipe(10, p.positive_control_epochs, 0.2, 0.0, base.initial)
     models = max(p.reference_models, 32)
