@@ -91,6 +91,7 @@ test: $(STAMP) ## run the test suite (unit, property, integration)
 bench: $(STAMP) ## run the benchmarks; results in build/bench/*.json
 	$(PY) -m benchmarks.synth
 	$(PY) -m benchmarks.flower
+	$(PY) -m benchmarks.privacy
 	$(PY) -m benchmarks.pipeline
 
 lock: ## re-resolve requirements.in into requirements.lock and environment.yml

@@ -28,21 +28,25 @@ from fl.data import FEATURE_NAMES, MISSING_INDICATOR_FEATURES, _transformed
 class SiteTensors:
     """One site's rows in the form batched training needs."""
 
-    values: torch.Tensor  # (n, f) transformed features, 0 where missing
-    observed: torch.Tensor  # (n, f) 1 where observed
+    values: torch.Tensor  # (n, f) transformed features, 0 where missing (float64, for statistics)
+    observed: torch.Tensor  # (n, f) 1 where observed (float64)
     indicators: torch.Tensor  # (n, k) missing indicators (as the spec appends them)
     labels: torch.Tensor  # (n,)
+    design: torch.Tensor  # (n, 2f + k) float32: [values, -observed, indicators], one matmul per step
 
     @classmethod
     def of(cls, features: pd.DataFrame, labels: np.ndarray) -> "SiteTensors":
         raw = _transformed(features).to_numpy()
         observed = ~np.isnan(raw)
         indicator_columns = [FEATURE_NAMES.index(name) for name in MISSING_INDICATOR_FEATURES]
+        values = np.where(observed, raw, 0.0)
+        indicators = (~observed[:, indicator_columns]).astype(float)
         return cls(
-            values=torch.as_tensor(np.where(observed, raw, 0.0), dtype=torch.float64),
+            values=torch.as_tensor(values, dtype=torch.float64),
             observed=torch.as_tensor(observed, dtype=torch.float64),
-            indicators=torch.as_tensor((~observed[:, indicator_columns]).astype(float), dtype=torch.float32),
+            indicators=torch.as_tensor(indicators, dtype=torch.float32),
             labels=torch.as_tensor(labels, dtype=torch.float32),
+            design=torch.as_tensor(np.hstack([values, -observed.astype(float), indicators]), dtype=torch.float32),
         )
 
     def __len__(self) -> int:
@@ -70,9 +74,43 @@ class BatchedModels:
 
 def _logits(site: SiteTensors, weight, indicator_weight, bias, mean, std) -> torch.Tensor:
     scaled = weight / std.float()  # (M, f)
-    # sum_j observed_ij * (x_ij - mean_mj) * w_mj / std_mj, as two matrix products.
-    from_values = site.values.float() @ scaled.T - site.observed.float() @ (mean.float() * scaled).T
-    return from_values + site.indicators @ indicator_weight.T + bias
+    # sum_j observed_ij * (x_ij - mean_mj) * w_mj / std_mj + indicators . v_m, as one matrix product
+    # of [x, -observed, indicators] with [w / std, mean * w / std, v].
+    stacked = torch.cat([scaled, mean.float() * scaled, indicator_weight], dim=1)  # (M, 2f + k)
+    return torch.addmm(bias, site.design, stacked.T)
+
+
+class _AdamState:
+    """torch.optim.Adam's update (default betas, L2 weight decay added to the gradient), elementwise.
+
+    Written out because the gradients are computed in closed form: no
+    autograd graph is built for M models at once.
+    """
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, moments):
+        self.moments = moments
+        self.t = 0
+
+    @classmethod
+    def like(cls, *params):
+        return cls([(torch.zeros_like(p), torch.zeros_like(p)) for p in params])
+
+    def step(self, params, grads, lr, weight_decay):
+        self.t += 1
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if weight_decay:
+                g = g + weight_decay * p
+            m, v = self.moments[i]
+            m = self.beta1 * m + (1 - self.beta1) * g
+            v = self.beta2 * v + (1 - self.beta2) * g * g
+            self.moments[i] = (m, v)
+            m_hat = m / (1 - self.beta1**self.t)
+            denominator = (v / (1 - self.beta2**self.t)).sqrt() + self.eps
+            out.append(p - lr * m_hat / denominator)
+        return out
 
 
 def member_statistics(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,23 +146,24 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
     global_bias = bias0.expand(m).clone()
     counts = {name: masks[name].float().sum(dim=1) for name in names}  # (M,)
     total = sum(counts.values())
+    scale = (1.0 / std).float()  # (M, f)
+    shift = (mean / std).float()  # (M, f)
     for _ in range(rounds):
         new = []
         for name in names:
-            site, mask = sites[name], masks[name].float()
-            weight = global_weight.clone().requires_grad_(True)
-            indicator = global_indicator.clone().requires_grad_(True)
-            bias = global_bias.clone().requires_grad_(True)
-            optimiser = torch.optim.Adam([weight, indicator, bias], lr=learning_rate, weight_decay=weight_decay)
+            site, mask = sites[name], masks[name].float().T / counts[name]  # (n, M): each member's loss weight
+            weight, indicator, bias = global_weight.clone(), global_indicator.clone(), global_bias.clone()
+            state = _AdamState.like(weight, indicator, bias)
             for _ in range(local_epochs):
-                optimiser.zero_grad()
-                logits = _logits(site, weight, indicator, bias, mean, std)  # (n, M)
-                losses = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, site.labels[:, None].expand_as(logits), reduction="none")
-                per_model = (losses * mask.T).sum(dim=0) / counts[name]
-                per_model.sum().backward()  # models are independent: the sum's gradient is each model's own
-                optimiser.step()
-            new.append((weight.detach(), indicator.detach(), bias.detach(), counts[name] / total))
+                stacked = torch.cat([weight * scale, weight * shift, indicator], dim=1)
+                logits = torch.addmm(bias, site.design, stacked.T)  # (n, M)
+                # d(mean BCE)/d(logit) = (sigmoid - y) / members, zero for non-members.
+                residual = (torch.sigmoid(logits) - site.labels[:, None]) * mask
+                grad_stacked = residual.T @ site.design  # (M, 2f + k)
+                grad_weight = grad_stacked[:, :f] * scale + grad_stacked[:, f:2 * f] * shift
+                grads = (grad_weight, grad_stacked[:, 2 * f:], residual.sum(dim=0))
+                weight, indicator, bias = state.step((weight, indicator, bias), grads, learning_rate, weight_decay)
+            new.append((weight, indicator, bias, counts[name] / total))
         global_weight = sum(w * share[:, None] for w, _, _, share in new)
         global_indicator = sum(v * share[:, None] for _, v, _, share in new)
         global_bias = sum(b * share for _, _, b, share in new)
