@@ -104,6 +104,13 @@ class PrivacyParams(_Strict):
     population_size: Annotated[int, Field(ge=50, le=1_000_000)] = 2000
     positive_control_patients: Annotated[int, Field(ge=10, le=1000)] = 40
     positive_control_epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # Patient-level DP-SGD (Opacus) at each hospital: the privacy-utility frontier.
+    dp_noise_multipliers: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1)] = [
+        0.5, 1.0, 2.0, 4.0]
+    dp_max_grad_norm: Annotated[float, Field(gt=0, le=100)] = 1.0
+    dp_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.05
+    dp_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.5
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
 
     @model_validator(mode="after")
     def _targets_below_models(self) -> "PrivacyParams":

@@ -200,3 +200,26 @@ def exposure_histogram(values: pd.Series, bins: int = 40):
     ax.set_title("Per-patient exposure (bins under 5 patients not shown)")
     fig.tight_layout()
     return fig
+
+
+def dp_frontier(frontier: pd.DataFrame, sites: tuple[str, ...]):
+    """Return AUROC per site against epsilon (log scale), with the attack's TPR at 1% FPR beside it."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for site in sites:
+        left.plot(frontier["epsilon"], frontier[f"auroc_{site}"], marker="o", label=site)
+    left.set_xscale("log")
+    left.set_xlabel("epsilon (delta as stated)")
+    left.set_ylabel("AUROC (test split)")
+    left.set_title("Utility under DP-SGD")
+    left.legend(fontsize="small")
+    right.plot(frontier["epsilon"], frontier["attack_tpr_at_1pct_fpr"], marker="o", label="loss attack")
+    right.plot(frontier["epsilon"], frontier["bound_at_1pct_fpr"], linestyle="--", color="grey", label="DP bound")
+    right.axhline(0.01, color="black", linewidth=0.8, linestyle=":", label="chance")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("epsilon")
+    right.set_ylabel("TPR at 1% FPR")
+    right.set_title("Attack success against the bound")
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

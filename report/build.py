@@ -31,6 +31,7 @@ FIGURES = {
     "data_flow": "03_federated_training/figures/data_flow.png",
     "roc_federated": "04_privacy_evaluation/figures/roc_federated.png",
     "roc_positive_control": "04_privacy_evaluation/figures/roc_positive_control.png",
+    "dp_frontier": "04_privacy_evaluation/figures/dp_frontier.png",
 }
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -119,6 +120,7 @@ def collect(build_dir: Path) -> dict:
         "reference_models": priv["reference_models"],
         "target_models": priv["target_models"],
         "partner_error": priv["partner_recovery_max_error"],
+        "dp": priv["dp_frontier"],
         "not_yet_measured": priv.get("not_yet_measured", []),
         "ledger": ledger_table(build_dir / "03_federated_training" / fed["strategies"][0] / "ledger.jsonl"),
         "variables": [{"name": f.name, "kind": f.kind, "source": f.source, "why": f.why} for f in FEATURES],

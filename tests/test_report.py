@@ -57,7 +57,7 @@ def test_outputs_html_and_pdf_in_both_languages(built):
     assert {"pilot_report.html", "pilot_report.pdf", "pilot_report.sv.html", "pilot_report.sv.pdf"} <= set(names)
     html = (built / "05_report" / "pilot_report.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # self-contained
-    assert html.count("data:image/png;base64,") == 7
+    assert html.count("data:image/png;base64,") == 8
     from report.leakscan import pdf_text
 
     text = pdf_text(built / "05_report" / "pilot_report.pdf")
@@ -121,7 +121,7 @@ def test_reviewer_site_links_resolve_and_figures_render_in_a_browser(built):
             page.goto((built / "05_report" / name).resolve().as_uri())
             broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || e.naturalWidth === 0).length")
             count = page.eval_on_selector_all("img", "els => els.length")
-            assert count == 7 and broken == 0
+            assert count == 8 and broken == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         # Served over HTTP, the same relative links resolve.
         import functools
