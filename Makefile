@@ -31,7 +31,7 @@ STAGE5 := $(BUILD)/05_report/manifest.json
 SITE := $(BUILD)/site/index.html
 REPORT_SRC := $(shell find report -type f 2>/dev/null)
 
-.PHONY: all smoke test bench help venv lock clean lab stage1 stage2 stage3 stage4 report scan check-params
+.PHONY: all smoke test bench help venv lock clean lab chromium stage1 stage2 stage3 stage4 report scan check-params
 
 all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
 	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
@@ -61,8 +61,17 @@ $(STAGE4): $(STAGE3) notebooks/04_privacy_evaluation.ipynb $(FL_SRC)
 
 report: $(SITE) ## stage 5: the pilot report (HTML, PDF, en + sv) and the reviewer site
 
-$(STAGE5): $(STAGE4) notebooks/05_report.ipynb $(REPORT_SRC)
+$(STAGE5): $(STAGE4) notebooks/05_report.ipynb $(REPORT_SRC) | chromium
 	$(PY) -m compendium run 05_report --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+chromium: ## make sure headless Chromium is there for the PDF (installs Debian's package as root)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report PDF ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "error: the report PDF needs Chromium; install it (Debian: sudo apt-get install chromium)" >&2; exit 2; \
+	  fi; }
 
 $(SITE): $(STAGE5)
 	$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT)
