@@ -58,8 +58,7 @@ def _plain(profile, dirs: list[Path], out: Path) -> None:
 
     train = {d.name: load_site(d, "train") for d in dirs}
     test = {d.name: load_site(d, "test") for d in dirs}
-    stats = [FeatureStatistics.of(t.features) for t in train.values()]
-    spec = PreprocessingSpec.from_statistics(sum(stats[1:], stats[0]))
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()]))
     kind, hidden = profile.baselines.model, tuple(profile.baselines.mlp_hidden)
     arrays = {site: (spec.transform(t.features), t.labels) for site, t in train.items()}
     test_x = {site: spec.transform(t.features) for site, t in test.items()}

@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     def loop_model(m: int) -> None:
         members = {s: masks[s][m].numpy() for s in sites}
         chosen = {s: (d.features.loc[members[s]], d.labels[members[s]]) for s, d in sites.items()}
-        stats = [FeatureStatistics.of(x) for x, _ in chosen.values()]
-        spec = PreprocessingSpec.from_statistics(sum(stats[1:], stats[0]))
+        spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([x for x, _ in chosen.values()]))
         fedavg_plain("logistic", (), start, {s: (spec.transform(x), y) for s, (x, y) in chosen.items()},
                      f.rounds, config, profile.seed)
 

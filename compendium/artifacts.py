@@ -38,6 +38,20 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def replace_folder(staging: Path, target: Path) -> Path:
+    """Put a finished staging folder at target with two renames; the previous folder is removed after."""
+    import shutil
+
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def write_json(target: Path, data) -> Path:
     """Write `data` as stable, indented JSON (sorted keys) atomically."""
     text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"

@@ -10,7 +10,6 @@ notebook goes to `build/<profile>/logs/` for diagnosis.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -134,19 +133,8 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
         notebooks_dir.mkdir(parents=True, exist_ok=True)
         artifacts.atomic_write(notebooks_dir / f"{name}.ipynb", lambda tmp: nbformat.write(notebook, tmp))
         artifacts.atomic_write(notebooks_dir / f"{name}.html", lambda tmp: tmp.write_text(html))
-        _swap_into_place(staging, stage_dir(profile_name, name, build_root))
+        artifacts.replace_folder(staging, stage_dir(profile_name, name, build_root))
         (profile_root / "logs" / f"{name}.failed.ipynb").unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stage_dir(profile_name, name, build_root)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace target by staging with two renames; the old folder is removed afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

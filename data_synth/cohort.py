@@ -38,6 +38,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from compendium.artifacts import atomic_write
 from data_synth import omop
 from data_synth import vocabulary as vocab
 from data_synth.risk import egfr_ckd_epi_2021
@@ -611,21 +612,9 @@ def write_cohort(omop_dir: Path, out_dir: Path | None = None, spec: CohortSpec |
             out.close()
 
         target = out_dir / COHORT_FILE
-        _atomic_write(target, with_split)
+        atomic_write(target, with_split)
     finally:
         Path(staging).unlink(missing_ok=True)
-    _atomic_write(out_dir / ATTRITION_FILE,
+    atomic_write(out_dir / ATTRITION_FILE,
                   lambda path: Path(path).write_text(json.dumps(asdict(total), indent=2) + "\n"))
     return target, total
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from compendium.artifacts import replace_folder
 from data_synth import omop
 from data_synth import vocabulary as vocab
 from data_synth.risk import PatientState, egfr_ckd_epi_2021, readmission_logit, sigmoid
@@ -531,6 +533,16 @@ def _drug_table(d: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int
     )
 
 
+def true_risk(index_visit_ids: pd.Series | np.ndarray, ground_truth: pd.DataFrame) -> np.ndarray:
+    """Return the generator's true 30-day risk of each index stay, in the given order."""
+    rows = pd.DataFrame({"index_visit_id": np.asarray(index_visit_ids)})
+    merged = rows.merge(ground_truth[["visit_occurrence_id", "true_risk_30d"]], left_on="index_visit_id",
+                        right_on="visit_occurrence_id", how="left", validate="one_to_one")
+    if merged["true_risk_30d"].isna().any():
+        raise ValueError("some index stays have no ground truth: the cohort and the generator disagree")
+    return merged["true_risk_30d"].to_numpy()
+
+
 def chunk_sizes(patients: int) -> list[int]:
     """Return the patient count of each chunk for a site of `patients` patients."""
     full, rest = divmod(patients, CHUNK_PATIENTS)
@@ -575,11 +587,8 @@ def generate_site(profile: SiteProfile, seed: int, out_dir: Path, progress: bool
         for writer in writers.values():
             writer.close()
         truth_writer.close()
-        final_omop = out_dir / "omop"
-        if final_omop.exists():
-            shutil.rmtree(final_omop)
         (staging / GROUND_TRUTH_FILE).replace(out_dir / GROUND_TRUTH_FILE)
-        omop_staging.rename(final_omop)
+        replace_folder(omop_staging, out_dir / "omop")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "omop"

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from compendium.params import Profile
 from data_synth.cohort import COHORT_FILE, LABEL, SPLIT, Attrition, CohortSpec, write_cohort
-from data_synth.generator import GROUND_TRUTH_FILE, generate_site
+from data_synth.generator import GROUND_TRUTH_FILE, generate_site, true_risk
 
 SITES_DIR = "sites"
 
@@ -37,12 +37,8 @@ def cohort_spec(profile: Profile) -> CohortSpec:
 
 def oracle_auroc(cohort: pd.DataFrame, ground_truth: pd.DataFrame, split: str = "test") -> float:
     """Return the AUROC of the generator's true risk on the cohort's `split` rows."""
-    rows = cohort.loc[cohort[SPLIT] == split, ["index_visit_id", LABEL]]
-    merged = rows.merge(ground_truth, left_on="index_visit_id", right_on="visit_occurrence_id",
-                        how="left", validate="one_to_one")
-    if merged["true_risk_30d"].isna().any():
-        raise ValueError("some index stays have no ground truth: the cohort and the generator disagree")
-    return float(roc_auc_score(merged[LABEL], merged["true_risk_30d"]))
+    rows = cohort.loc[cohort[SPLIT] == split]
+    return float(roc_auc_score(rows[LABEL], true_risk(rows["index_visit_id"], ground_truth)))
 
 
 def run(profile: Profile, output_dir: Path, progress: bool = True) -> dict[str, SiteResult]:

@@ -100,8 +100,7 @@ def run(profile: Profile, build_dir: Path) -> BaselineResults:
     results = BaselineResults(sites=sites, test=test)
     for site in sites:
         results.fitted[f"local_{site}"] = fit_torch(f"local_{site}", [train[site]], params, seed)
-    pooled_stats = sum((FeatureStatistics.of(train[s].features) for s in sites[1:]),
-                       FeatureStatistics.of(train[sites[0]].features))
+    pooled_stats = FeatureStatistics.of_sites([train[s].features for s in sites])
     results.fitted["pooled"] = fit_torch("pooled", [train[s] for s in sites], params, seed,
                                          spec=PreprocessingSpec.from_statistics(pooled_stats))
     gbt = fit_gbt([train[s] for s in sites], params, seed)

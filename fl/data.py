@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_synth.cohort import COHORT_FILE, FEATURES, LABEL, SPLIT
-from data_synth.generator import GROUND_TRUTH_FILE
+from data_synth.generator import GROUND_TRUTH_FILE, true_risk
 
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 SPLITS = ("train", "test")
@@ -129,11 +129,10 @@ def load_oracle_risk(directory: Path, split: str = "test") -> np.ndarray:
     if not truth_path.is_file():
         raise CohortError(f"{truth_path} not found: the oracle exists only for synthetic data")
     truth = pd.read_parquet(truth_path, columns=["visit_occurrence_id", "true_risk_30d"])
-    merged = cohort[["index_visit_id"]].merge(truth, left_on="index_visit_id", right_on="visit_occurrence_id",
-                                               how="left", validate="one_to_one")
-    if merged["true_risk_30d"].isna().any():
-        raise CohortError(f"{truth_path}: some index stays have no ground truth")
-    return merged["true_risk_30d"].to_numpy()
+    try:
+        return true_risk(cohort["index_visit_id"], truth)
+    except ValueError as error:
+        raise CohortError(f"{truth_path}: {error}") from None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -160,6 +159,12 @@ class FeatureStatistics:
         present = ~np.isnan(values)
         filled = np.where(present, values, 0.0)
         return cls(present.sum(axis=0).astype(float), filled.sum(axis=0), (filled**2).sum(axis=0), len(values))
+
+    @classmethod
+    def of_sites(cls, site_features: list[pd.DataFrame]) -> "FeatureStatistics":
+        """Return the sum of each site's statistics: what the federated statistics round computes."""
+        parts = [cls.of(features) for features in site_features]
+        return sum(parts[1:], parts[0])
 
     def __add__(self, other: "FeatureStatistics") -> "FeatureStatistics":
         return FeatureStatistics(self.count + other.count, self.total + other.total,

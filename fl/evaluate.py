@@ -94,6 +94,17 @@ def _ffill_previous(values: np.ndarray) -> np.ndarray:
     return _ffill(shifted)
 
 
+def true_label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return the logit-scaled confidence in the true label, log(p_y / (1 - p_y)), stable in logits."""
+    labels = np.asarray(labels).reshape((-1,) + (1,) * (np.ndim(logits) - 1))
+    return np.where(labels == 1, logits, -logits)
+
+
+def record_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return the binary cross-entropy of each record, computed from log-odds (no clipping needed)."""
+    return np.logaddexp(0.0, -true_label_confidence(logits, labels))
+
+
 def brier(y_true: np.ndarray, probabilities: np.ndarray) -> float:
     """Return the Brier score (mean squared error of predicted probabilities)."""
     y, p = _check(y_true, probabilities)

@@ -87,12 +87,25 @@ def initial_weights(kind: str, n_features: int, hidden: tuple[int, ...], seed: i
     return get_weights(build_model(kind, n_features, seed=seed, hidden=hidden))
 
 
+def _loaded(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], n_features: int):
+    model = build_model(kind, n_features, seed=None, hidden=hidden)
+    set_weights(model, weights)
+    return model.eval()
+
+
 def predict(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
     """Return predicted probabilities of a model given by its weights."""
     from fl.train import predict_proba
 
-    model = build_model(kind, features.shape[1], seed=None, hidden=hidden)
-    set_weights(model, weights)
-    return predict_proba(model, features)
+    return predict_proba(_loaded(kind, hidden, weights, features.shape[1]), features)
+
+
+def predict_logits(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Return the log-odds of readmission of a model given by its weights (for losses and attacks)."""
+    import torch
+
+    with torch.no_grad():
+        model = _loaded(kind, hidden, weights, features.shape[1])
+        return model(torch.as_tensor(features, dtype=torch.float32)).double().numpy()
 
 

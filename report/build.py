@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from data_synth.cohort import FEATURES
+from fl.evaluate import Estimate
 
 REPORT_DIR = Path(__file__).resolve().parent
 LANGUAGES = ("en", "sv")
@@ -44,10 +45,6 @@ def _json(path: Path) -> dict:
     if not path.is_file():
         raise ReportError(f"{path} is missing: run the earlier stages first (`make all`)")
     return json.loads(path.read_text())
-
-
-def _ci(estimate: dict, digits: int = 3) -> str:
-    return f"{estimate['value']:.{digits}f} ({estimate['lower']:.{digits}f}-{estimate['upper']:.{digits}f})"
 
 
 def _figure(path: Path) -> str:
@@ -86,10 +83,10 @@ def collect(build_dir: Path) -> dict:
     sites = list(synth["sites"])
     discrimination = []
     for model in ("oracle", "pooled", *(f"local_{s}" for s in sites), "gbt", "lace"):
-        discrimination.append({"model": model, **{s: _ci(base["auroc"][model][s]) for s in sites}})
+        discrimination.append({"model": model, **{s: str(Estimate(**base["auroc"][model][s])) for s in sites}})
     for strategy in fed["strategies"]:
         discrimination.append({"model": f"federated ({strategy})",
-                               **{s: _ci(fed["auroc"][strategy][s]) for s in sites}})
+                               **{s: str(Estimate(**fed["auroc"][strategy][s])) for s in sites}})
     attacks = [a for a in priv["attacks"] if not a["position"].startswith(("C:", "D:"))]
     updates = [a for a in priv["attacks"] if a["position"].startswith(("C:", "D:"))]
     released = [a for a in attacks if a["position"].startswith("A/B")]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from compendium.artifacts import replace_folder
 from compendium.params import profile_path
 from compendium.stages import STAGES
 
@@ -63,10 +64,7 @@ everything here was produced by <code>make all PROFILE={html.escape(profile)}</c
 {sections}
 </body></html>
 """)
-        target = profile_dir / "site"
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_folder(staging, profile_dir / "site")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return profile_dir / "site" / "index.html"

@@ -77,6 +77,8 @@ def test_summed_site_statistics_equal_pooled_statistics(site):
     np.testing.assert_allclose(summed.total, pooled.total, rtol=1e-12)
     np.testing.assert_allclose(summed.total_squares, pooled.total_squares, rtol=1e-12)
     assert summed.rows == pooled.rows
+    of_sites = FeatureStatistics.of_sites([train.features, test.features])
+    np.testing.assert_array_equal(of_sites.total_squares, summed.total_squares)
     round_trip = FeatureStatistics.from_arrays(summed.as_arrays())
     np.testing.assert_array_equal(round_trip.total, summed.total)
 

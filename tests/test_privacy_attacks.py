@@ -109,8 +109,7 @@ def test_dp_sgd_accountant_runs_across_rounds_and_is_deterministic(sites):
     from fl.privacy.dp import DPConfig, dp_fedavg, epsilon_bound
 
     train = {s: d.take(np.arange(300)) for s, d in sites.items()}
-    stats = [FeatureStatistics.of(d.features) for d in train.values()]
-    spec = PreprocessingSpec.from_statistics(stats[0] + stats[1])
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([d.features for d in train.values()]))
     data = {s: (spec.transform(d.features), d.labels) for s, d in train.items()}
     start = initial_weights("logistic", MODEL_INPUTS, (), seed=1)
     config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, delta=1e-5, learning_rate=0.5,

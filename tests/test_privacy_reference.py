@@ -23,8 +23,7 @@ def sites(tmp_path_factory):
 def _plain_model(sites, members):
     """The target pipeline (fl.federated) on the given member rows of each site."""
     chosen = {s: (d.features.loc[members[s]], d.labels[members[s]]) for s, d in sites.items()}
-    stats = [FeatureStatistics.of(f) for f, _ in chosen.values()]
-    spec = PreprocessingSpec.from_statistics(sum(stats[1:], stats[0]))
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([f for f, _ in chosen.values()]))
     start = initial_weights("logistic", spec.n_outputs, (), seed=3)
     data = {s: (spec.transform(f), y) for s, (f, y) in chosen.items()}
     weights, _ = fedavg_plain("logistic", (), start, data, ROUNDS, TrainConfig(epochs=EPOCHS, learning_rate=LR,

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from fl import evaluate as ev
 from data_synth.cohort import COHORT_FILE
 from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
-from fl.federated import local_update, predict, round_seed
+from fl.federated import local_update, predict, predict_logits, round_seed
 from fl.flower import protocol as p
 
 app = ClientApp()
@@ -102,9 +102,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
     data = _site(context, "test")
     spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG])
-    probabilities = predict(kind, hidden, msg.content[p.ARRAYS].to_numpy_ndarrays(), _matrix(data, spec))
-    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(data.labels * np.log(clipped) + (1 - data.labels) * np.log(1 - clipped)))
+    weights, features = msg.content[p.ARRAYS].to_numpy_ndarrays(), _matrix(data, spec)
+    probabilities = predict(kind, hidden, weights, features)
+    loss = float(np.mean(ev.record_loss(predict_logits(kind, hidden, weights, features), data.labels)))
     content = RecordDict({
         p.METRICS: MetricRecord({p.NUM_EXAMPLES: len(data), "test-loss": loss,
                                  "auroc": float(ev.auroc(data.labels, probabilities))}),

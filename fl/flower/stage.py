@@ -131,6 +131,7 @@ def history_frame(runs: dict[str, StrategyRun]) -> pd.DataFrame:
 def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
     """Return stage 3's summary.json content."""
     sites = profile.sites
+    ledgers = {strategy: ledger_frame(run.folder) for strategy, run in runs.items()}
     return {
         "stage": "03_federated_training",
         "profile": profile.profile,
@@ -142,11 +143,11 @@ def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
         "auroc": {strategy: {site: run.metrics[site]["auroc"] for site in sites} for strategy, run in runs.items()},
         "brier": {strategy: {site: run.metrics[site]["brier"] for site in sites} for strategy, run in runs.items()},
         "bytes_exchanged_per_site": {
-            strategy: {site: int(ledger_frame(run.folder).query("site == @site")["bytes"].sum()) for site in sites}
-            for strategy, run in runs.items()
+            strategy: {site: int(ledger.loc[ledger["site"] == site, "bytes"].sum()) for site in sites}
+            for strategy, ledger in ledgers.items()
         },
         "messages_per_site": {
-            strategy: {site: int((ledger_frame(run.folder)["site"] == site).sum()) for site in sites}
-            for strategy, run in runs.items()
+            strategy: {site: int((ledger["site"] == site).sum()) for site in sites}
+            for strategy, ledger in ledgers.items()
         },
     }

@@ -20,21 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from fl.evaluate import auroc
+from fl.evaluate import auroc, record_loss, true_label_confidence
 
 LOW_FPRS = (0.001, 0.01)
-
-
-def true_label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Return the logit-scaled confidence in the true label, log(p_y / (1 - p_y)), stable in logits."""
-    labels = np.asarray(labels).reshape((-1,) + (1,) * (np.ndim(logits) - 1))
-    return np.where(labels == 1, logits, -logits)
-
-
-def record_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Return the binary cross-entropy of each record (stable in logits)."""
-    margin = true_label_confidence(logits, labels)
-    return np.logaddexp(0.0, -margin)
 
 
 def loss_scores(target_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

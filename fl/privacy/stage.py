@@ -78,15 +78,14 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     on the DP model (members: training split, non-members: test split) against the bound epsilon implies."""
     from fl import evaluate as ev
     from fl.data import FeatureStatistics, PreprocessingSpec
-    from fl.federated import predict
+    from fl.federated import predict, predict_logits
     from fl.privacy.dp import DPConfig, dp_fedavg, epsilon_bound
 
     require_logistic(profile)
     p, f = profile.privacy, profile.federated
     train = site_splits(build_dir, profile.sites, "train")
     test = site_splits(build_dir, profile.sites, "test")
-    stats = [FeatureStatistics.of(t.features) for t in train.values()]
-    spec = PreprocessingSpec.from_statistics(sum(stats[1:], stats[0]))
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()]))
     data = {s: (spec.transform(t.features), t.labels) for s, t in train.items()}
     start = initial_weights("logistic", MODEL_INPUTS, (), profile.seed)
     rows = []
@@ -99,8 +98,8 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
         scores, members = [], []
         for site in profile.sites:
             for split, is_member in ((train[site], True), (test[site], False)):
-                probability = np.clip(predict("logistic", (), weights, spec.transform(split.features)), 1e-7, 1 - 1e-7)
-                scores.append(mi.loss_scores(np.log(probability / (1 - probability)), split.labels))
+                scores.append(mi.loss_scores(predict_logits("logistic", (), weights, spec.transform(split.features)),
+                                             split.labels))
                 members.append(np.full(len(split), is_member))
             row[f"auroc_{site}"] = round(ev.auroc(test[site].labels, predict(
                 "logistic", (), weights, spec.transform(test[site].features))), 4)

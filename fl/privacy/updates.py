@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from fl.data import PreprocessingSpec, SiteSplit
-from fl.federated import local_update, predict, round_seed, weighted_average
+from fl.evaluate import record_loss
+from fl.federated import local_update, predict_logits, round_seed, weighted_average
 from fl.privacy import membership as mi
 from fl.privacy.reconstruction import partner_update
 from fl.train import TrainConfig
@@ -25,8 +26,7 @@ def loss_drop_scores(before: list[np.ndarray], after: list[np.ndarray], features
                      labels: np.ndarray) -> np.ndarray:
     """Return each record's loss under `before` minus its loss under `after` (larger: more likely trained on)."""
     def losses(weights):
-        p = np.clip(predict("logistic", (), weights, features), 1e-7, 1 - 1e-7)
-        return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+        return record_loss(predict_logits("logistic", (), weights, features), labels)
 
     return losses(before) - losses(after)
 
