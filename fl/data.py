@@ -77,7 +77,11 @@ def read_cohort(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise CohortError(f"cohort file {path} does not exist; run stage 1 (`make all`) first")
     try:
-        table = pq.read_table(path)
+        # Opened by Python, not by Arrow, so a node's isolation guard (fl.flower.isolation) sees every read.
+        with open(path, "rb") as handle:
+            table = pq.read_table(handle)
+    except PermissionError:
+        raise
     except (pa.ArrowInvalid, OSError) as error:
         raise CohortError(f"{path} is not a readable Parquet file ({error})") from None
     missing = [c for c in (*FEATURE_NAMES, LABEL, SPLIT) if c not in table.column_names]

@@ -2,32 +2,62 @@
 
 The site's data folder comes from the node configuration (`site-dir`, as a
 SuperNode is started in a deployment) or, in simulation, from the run
-configuration's `site-dirs` list indexed by `partition-id`. Data are read
-only through `fl.data.load_site`. Replies carry weights and aggregates; no
-record-level value leaves the site.
+configuration's `site-dirs` list indexed by `partition-id`. The node
+configuration always wins: nothing the server sends can point a node at
+another folder. A deployed node also names its site (`site`, checked
+against the folder) and is confined to its folder (`confine`, see
+`fl.flower.isolation`). Data are read only through `fl.data.load_site`.
+Replies carry weights and aggregates; no record-level value leaves the site.
+
+With node configuration `site-ledger` (a file path), the `site_ledger` mod
+appends one line per message the node receives or sends: the site's own
+record of what crossed its boundary, in the same bytes as the server's ledger.
 """
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_to_proto
 
 from fl import evaluate as ev
 from data_synth.cohort import COHORT_FILE
 from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
 from fl.federated import local_update, predict, predict_logits, round_seed
 from fl.flower import protocol as p
+from fl.flower.isolation import check_site, confine_to_site
 
-app = ClientApp()
+
+def site_ledger(msg: Message, context: Context, call_next) -> Message:
+    """Record the bytes of every message this node receives and sends (node config `site-ledger`)."""
+    reply = call_next(msg, context)
+    path = context.node_config.get("site-ledger")
+    if path:
+        server_round = int(msg.content[p.CONFIG].get("server-round", 0)) if p.CONFIG in msg.content else 0
+        with open(str(path), "a") as handle:
+            for direction, message in (("server->site", msg), ("site->server", reply)):
+                handle.write(json.dumps({"round": server_round, "direction": direction,
+                                         "message_type": msg.metadata.message_type,
+                                         "bytes": message_to_proto(message).ByteSize()}) + "\n")
+    return reply
+
+
+app = ClientApp(mods=[site_ledger])
 
 
 def site_directory(context: Context) -> Path:
     """Return this node's site folder, from node config (deployment) or partition id (simulation)."""
     if "site-dir" in context.node_config:
-        return Path(str(context.node_config["site-dir"]))
+        directory = Path(str(context.node_config["site-dir"]))
+        if "site" in context.node_config:
+            check_site(directory, str(context.node_config["site"]))
+        if context.node_config.get("confine", False):
+            confine_to_site(directory)
+        return directory
     dirs = str(context.run_config.get("site-dirs", "")).split(",")
     partition = int(context.node_config.get("partition-id", -1))
     if not 0 <= partition < len(dirs) or not dirs[partition]:

@@ -68,23 +68,42 @@ class _Resumable:
     Clients seed their local training by the round number, and FedAdam's bias
     correction uses it: a resumed run must see the same numbers as an
     uninterrupted one to reach the same model.
+
+    Every round needs every site: a round starts only when all `n_sites`
+    nodes are connected (waiting at most `site_timeout` seconds, where
+    Flower's sampling would wait forever) and is aggregated only when every
+    site replied without error. Otherwise the run stops with a
+    `FederationError` naming the round and the last checkpoint, and a run
+    with `resume` continues from that checkpoint to the very model an
+    uninterrupted run reaches. Aggregating whoever answered would silently
+    give a different model.
     """
 
     round_offset = 0
+    n_sites = 0
+    site_timeout = 600.0
     #: Server-side optimiser state saved in checkpoints (FedAdam's moments).
     STATE = ("m_t", "v_t")
 
     def configure_train(self, server_round, arrays, config, grid):
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        absolute = server_round + self.round_offset
+        wait_for_sites(grid, self.n_sites, self.site_timeout, f"round {absolute}", last_checkpoint=absolute - 1)
+        return super().configure_train(absolute, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        return super().aggregate_train(server_round + self.round_offset, replies)
+        replies = list(replies)
+        absolute = server_round + self.round_offset
+        require_every_site(replies, self.n_sites, f"round {absolute} training", last_checkpoint=absolute - 1)
+        return super().aggregate_train(absolute, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+        replies = list(replies)
+        absolute = server_round + self.round_offset
+        require_every_site(replies, self.n_sites, f"round {absolute} evaluation", last_checkpoint=absolute)
+        return super().aggregate_evaluate(absolute, replies)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Return the server optimiser's state as named arrays (empty for FedAvg and FedProx)."""
@@ -120,12 +139,15 @@ def make_strategy(name: str, profile: Profile, n_sites: int):
                   min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
     f = profile.federated
     if name == "fedavg":
-        return ResumableFedAvg(**common)
-    if name == "fedprox":
-        return ResumableFedProx(**common, proximal_mu=f.proximal_mu)
-    if name == "fedadam":
-        return ResumableFedAdam(**common, eta=f.server_learning_rate, eta_l=f.learning_rate)
-    raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox or fedadam")
+        strategy = ResumableFedAvg(**common)
+    elif name == "fedprox":
+        strategy = ResumableFedProx(**common, proximal_mu=f.proximal_mu)
+    elif name == "fedadam":
+        strategy = ResumableFedAdam(**common, eta=f.server_learning_rate, eta_l=f.learning_rate)
+    else:
+        raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox or fedadam")
+    strategy.n_sites, strategy.site_timeout = n_sites, f.round_timeout_s
+    return strategy
 
 
 def latest_checkpoint(output_dir: Path) -> int:
@@ -134,14 +156,34 @@ def latest_checkpoint(output_dir: Path) -> int:
     return max(rounds, default=0)
 
 
-def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
+def _resume_hint(last_checkpoint: int | None) -> str:
+    if last_checkpoint is None:
+        return ""
+    if last_checkpoint <= 0:
+        return "; no round is checkpointed yet: start every site and run again"
+    return (f"; round {last_checkpoint} is checkpointed: start every site and run again with resume "
+            "to continue from it")
+
+
+def wait_for_sites(grid: Grid, expected: int, timeout: float, stage: str = "federated statistics",
+                   last_checkpoint: int | None = None) -> list[int]:
     """Return the node ids once `expected` nodes are connected; fail clearly after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
-            raise FederationError(f"only {len(nodes)} of {expected} sites connected within {timeout:.0f} s")
+            raise FederationError(f"{stage}: only {len(nodes)} of {expected} sites connected within "
+                                  f"{timeout:.0f} s{_resume_hint(last_checkpoint)}")
         time.sleep(0.2)
     return nodes
+
+
+def require_every_site(replies: list[Message], expected: int, stage: str, last_checkpoint: int) -> None:
+    """Raise FederationError unless `expected` replies arrived, none of them an error."""
+    errors = [r.error.reason for r in replies if r.has_error()]
+    if len(replies) < expected or errors:
+        detail = f" (errors: {'; '.join(errors)})" if errors else ""
+        raise FederationError(f"{stage}: {len(replies) - len(errors)} of {expected} sites replied{detail}"
+                              f"{_resume_hint(last_checkpoint)}")
 
 
 def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> tuple[PreprocessingSpec, dict[str, int]]:
