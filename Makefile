@@ -31,7 +31,7 @@ STAGE5 := $(BUILD)/05_report/manifest.json
 SITE := $(BUILD)/site/index.html
 REPORT_SRC := $(shell find report -type f 2>/dev/null)
 
-.PHONY: all smoke test bench help venv lock clean lab chromium stage1 stage2 stage3 stage4 report scan check-params
+.PHONY: all smoke test bench help venv lock clean lab chromium stage1 stage2 stage3 stage4 report scan check-params federation
 
 all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
 	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
@@ -53,6 +53,12 @@ stage3: $(STAGE3) ## stage 3: federated training with Flower, message ledger
 
 $(STAGE3): $(STAGE2) notebooks/03_federated_training.ipynb $(FL_SRC)
 	$(PY) -m compendium run 03_federated_training --profile $(PROFILE) --build-root $(BUILD_ROOT)
+
+RESUME ?=
+STRATEGY ?= fedavg
+
+federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: SuperLink + a SuperNode per site, TLS, node auth (RESUME=1 continues)
+	$(PY) -m fl.flower.deployment --profile $(PROFILE) --build-root $(BUILD_ROOT) --strategy $(STRATEGY) $(if $(RESUME),--resume)
 
 stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks on updates)
 
@@ -102,6 +108,7 @@ bench: $(STAMP) ## run the benchmarks; results in build/bench/*.json
 	$(PY) -m benchmarks.flower
 	$(PY) -m benchmarks.privacy
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.deployment
 
 lock: ## re-resolve requirements.in into requirements.lock and environment.yml
 	rm -rf build/lock-venv && $(PYTHON_BOOT) -m venv build/lock-venv

@@ -191,3 +191,40 @@ def test_resume_without_checkpoint_starts_from_scratch(build, profile, tmp_path)
     resumed = run_direct(profile, "fedavg", _dirs(build), tmp_path / "b", resume=True)
     for a, b in zip(fresh.weights, resumed.weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_site_silent_in_a_round_stops_the_run_instead_of_averaging_the_rest(build, profile, tmp_path):
+    """FedAvg over whoever answered would be a different model: the run stops naming the round."""
+    from fl.flower.engine import DirectGrid, direct_contexts
+
+    class SilentSite(DirectGrid):
+        """One site's round-2 training reply never arrives."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if any(m.metadata.message_type == "train" and m.content["config"].get("server-round") == 2
+                   for m in messages):
+                return replies[:1]
+            return replies
+
+    grid = SilentSite(direct_contexts(_dirs(build)))
+    with pytest.raises(FederationError, match=r"round 2 training: 1 of 2 sites replied; round 1 is checkpointed"):
+        run_direct(profile, "fedavg", _dirs(build), tmp_path / "silent", grid=grid)
+    assert not (tmp_path / "silent" / "final_model.npz").exists()
+
+
+def test_a_node_gone_before_a_round_stops_the_run_after_the_timeout(build, profile, tmp_path):
+    from fl.flower.engine import DirectGrid, direct_contexts
+
+    class LosesANode(DirectGrid):
+        """After round 2's evaluation one node disconnects for good."""
+
+        def get_node_ids(self):
+            done = sorted((tmp_path / "gone" / "checkpoints").glob("round_*.npz"))
+            return list(self.contexts)[:1] if len(done) >= 3 else list(self.contexts)
+
+    quick = profile.model_copy(update={"federated": profile.federated.model_copy(update={"round_timeout_s": 1.0})})
+    with pytest.raises(FederationError, match=r"round 3: only 1 of 2 sites connected within 1 s; round 2 is "
+                                              r"checkpointed: start every site and run again with resume"):
+        run_direct(quick, "fedavg", _dirs(build), tmp_path / "gone", grid=LosesANode(direct_contexts(_dirs(build))))

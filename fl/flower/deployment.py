@@ -78,6 +78,8 @@ class Service:
     log: Path
     started: float
     ready_seconds: float | None = None
+    #: Where this process's output starts in its log (a resumed run appends to the same logs).
+    log_offset: int = 0
 
     @property
     def pid(self) -> int:
@@ -86,9 +88,16 @@ class Service:
     def exit_code(self) -> int | None:
         return self.process.poll()
 
+    def output(self) -> str:
+        """Return what this process has written to its log so far."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as handle:
+            handle.seek(self.log_offset)
+            return handle.read().decode(errors="replace")
+
     def log_tail(self, lines: int = 6) -> str:
-        text = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        return "\n".join(f"    {line}" for line in text[-lines:])
+        return "\n".join(f"    {line}" for line in self.output().splitlines()[-lines:])
 
 
 def free_port() -> int:
@@ -152,11 +161,12 @@ class LocalFederation:
     def start(self, role: str, argv: list[str], home: str | None = None) -> Service:
         """Start one process in its own session (Flower home `home`, default: its role), output to logs/<role>.log."""
         log = self.logs / f"{role}.log"
+        offset = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as handle:
             process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self.environment(home or role), cwd=self.state_dir,
                                        start_new_session=True)
-        service = Service(role, process, log, time.perf_counter())
+        service = Service(role, process, log, time.perf_counter(), log_offset=offset)
         self.services[role] = service
         write_json(self.state_dir / PIDS_FILE, {r: s.pid for r, s in self.services.items()})
         return service
@@ -182,19 +192,13 @@ class LocalFederation:
         return service
 
     def register(self, site: str) -> int:
-        """Register a site's public key with the SuperLink; return its node id (known keys are looked up)."""
+        """Register a site's public key with the SuperLink; return its node id."""
         result = self.flwr("supernode", "register", str(self.credentials.node_public_key(site)), CONNECTION,
                            "--name", site, "--format", "json")
         answer = _json_of(result.stdout)
         if answer.get("success"):
             self.node_ids[site] = int(answer["node-id"])
             return self.node_ids[site]
-        if "already in use" in answer.get("error-message", ""):  # registered before a SuperLink restart
-            listed = _json_of(self.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
-            for node in listed.get("nodes", []):
-                if node.get("name") == site:
-                    self.node_ids[site] = int(node["node-id"])
-            return self.node_ids.get(site, 0)
         raise DeploymentError(f"could not register site {site!r}'s key with the SuperLink: "
                               f"{answer.get('error-message', result.stdout + result.stderr).strip()}")
 
@@ -217,7 +221,7 @@ class LocalFederation:
         """Wait until each SuperNode has joined (its log shows its node id)."""
         for role in roles:
             service = self.services[role]
-            self._wait(service, lambda s=service: "SuperNode ID" in s.log.read_text(errors="replace"), timeout,
+            self._wait(service, lambda s=service: "SuperNode ID" in s.output(), timeout,
                        "join the SuperLink")
 
     def _wait(self, service: Service, ready, timeout: float, what: str) -> None:
@@ -240,7 +244,7 @@ class LocalFederation:
         service = self.start("run", [_bin("flwr"), "run", str(REPO_ROOT), CONNECTION, "--run-config", pairs,
                                      "--stream"], home="cli")
         deadline = time.monotonic() + 120
-        while not (match := re.search(r"Successfully started run (\d+)", service.log.read_text(errors="replace"))):
+        while not (match := re.search(r"Successfully started run (\d+)", service.output())):
             if service.exit_code() is not None or time.monotonic() > deadline:
                 raise DeploymentError(f"`flwr run` could not start the run; its output ends:\n{service.log_tail()}")
             time.sleep(0.2)
@@ -369,11 +373,14 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
     state = build_dir / STATE
     server, ledgers = state / SERVER_OUTPUT, state / SITE_LEDGERS
     done = latest_checkpoint(server) if resume else 0
-    if not resume:  # a fresh run: fresh SuperLink state, no checkpoints, no logs
+    if not resume:  # a fresh run: no checkpoints, no ledgers, no logs
         for folder in (server, ledgers, state / "logs"):
             shutil.rmtree(folder, ignore_errors=True)
-        for database in state.glob("superlink.db*"):
-            database.unlink()
+    # The SuperLink starts from fresh state every time (keys are registered again): a node killed
+    # without signing off stays "online" in the old state until its heartbeats expire, and is
+    # refused re-activation until then. What a resumed run needs is the ServerApp's checkpoints.
+    for database in state.glob("superlink.db*"):
+        database.unlink()
     ledgers.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     timeout = timeout or profile.federated.round_timeout_s * (profile.federated.rounds + 1)
@@ -415,6 +422,12 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
         "processes_started": len(pids),
         "bytes": ledger_bytes_check(server / LEDGER_FILE, ledgers),
     }
+    simulated = build_dir / DEPLOYMENT.parent / strategy
+    if (simulated / FINAL_MODEL_FILE).exists():  # stage 3's in-process run of the same strategy
+        difference = max(float(np.max(np.abs(a - b)))
+                         for a, b in zip(final_weights(server), final_weights(simulated)))
+        summary["stage3_simulation"] = {"final_weights_max_abs_difference": difference,
+                                        "same_model_within_1e-6": difference <= 1e-6}
     folder = collect(build_dir, state, summary)
     say(f"federation: run {run_id} completed in {seconds:.0f} s; results in {relative(folder)}")
     return DeploymentResult(folder, summary)

@@ -1,0 +1,240 @@
+"""The Flower deployment engine: real SuperLink and SuperNode processes on 127.0.0.1.
+
+Each test starts processes through `python -m fl.flower.deployment` (as
+`make federation` does) or `LocalFederation`, and an autouse fixture proves
+that none of them is left running afterwards, pass or fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from compendium.params import PARAMS_DIR, REPO_ROOT, load_params
+from fl.flower import deployment as dep
+from fl.flower.engine import run_direct
+from fl.flower.isolation import SiteIsolationError, check_site
+from fl.flower.server_app import CHECKPOINTS
+from synthetic_sites import build_sites
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """Fail (and clean up) if any process a federation started outlives the test."""
+    yield
+    leftovers = _federation_processes()
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left running after the test: {leftovers}"
+
+
+def _federation_processes() -> list[int]:
+    needle = f"{dep.MARKER}=".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and dep._alive(int(entry.name)) and any(
+                    v.startswith(needle) for v in (entry / "environ").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _profile_file(folder: Path, **federated) -> Path:
+    """Write the smoke profile, with `federated` overrides, as folder/smoke.yaml."""
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["federated"] = {**data.get("federated", {}), **federated}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "smoke.yaml").write_text(yaml.safe_dump(data))
+    return folder / "smoke.yaml"
+
+
+def _sites(build: Path, profile) -> dict[str, Path]:
+    sizes = {site: p.patients for site, p in profile.site_profiles().items()}
+    return build_sites(build, sizes, seed=profile.seed)
+
+
+def _launch(params: Path, build: Path, *extra: str, home: Path) -> subprocess.Popen:
+    """Start the deployment CLI with HOME pointing at an empty folder (nothing may be written there)."""
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("FLWR_HOME", None)
+    return subprocess.Popen([sys.executable, "-m", "fl.flower.deployment", "--params", str(params),
+                             "--build-dir", str(build), *extra], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"launcher exited ({process.returncode}) before {what}: {process.stderr.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+def _assert_same_model(folder: Path, reference_weights: list[np.ndarray], tolerance: float = 1e-6):
+    weights = dep.final_weights(folder)
+    assert len(weights) == len(reference_weights)
+    for got, expected in zip(weights, reference_weights):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
+
+
+def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_node(tmp_path):
+    """Smoke profile end to end on SuperLink + 2 SuperNodes with TLS; an intruder is turned away meanwhile."""
+    params = _profile_file(tmp_path / "params")
+    profile = load_params(params)
+    build, home = tmp_path / "build", tmp_path / "home"
+    home.mkdir()
+    sites = _sites(build, profile)
+    launcher = _launch(params, build, home=home)
+    state = build / dep.STATE
+    try:
+        _wait_for(lambda: "Successfully started run" in (state / "logs" / "run.log").read_text()
+                  if (state / "logs" / "run.log").exists() else False, 120, "the run to start", launcher)
+        connection = tomllib.loads((state / "flwr_home" / "cli" / "config.toml").read_text())
+        address = connection["superlink"][dep.CONNECTION]["address"]
+        # A SuperNode whose key was never registered tries to join the running federation.
+        dep.make_node_key(tmp_path / "intruder.key", tmp_path / "intruder.pub")
+        # (Output to a file: Flower's detached helper process would hold a pipe open.)
+        intruder_log = tmp_path / "intruder.log"
+        with open(intruder_log, "w") as log:
+            intruder = subprocess.Popen(
+                [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", address,
+                 "--root-certificates", str(state / "credentials" / "ca.crt"),
+                 "--auth-supernode-private-key", str(tmp_path / "intruder.key"), "--max-retries", "2",
+                 "--node-config", f'site="halland" site-dir="{sites["halland"]}" confine=true', "--port",
+                 str(dep.free_port())],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "FLWR_HOME": str(tmp_path / "intruder_home"), dep.MARKER: "intruder",
+                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        intruder_exit = intruder.wait(timeout=120)
+        for pid in dep.processes_with_marker("intruder"):  # its SuperExec helper
+            os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=900)
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
+    assert intruder_exit != 0
+    assert "Exit Code: 305" in intruder_log.read_text()  # Flower: the SuperNode could not activate
+    assert launcher.returncode == 0, err
+    folder = build / dep.DEPLOYMENT
+    summary = json.loads((folder / "deployment.json").read_text())
+    assert summary["status"] == "finished:completed" and summary["tls"] and summary["node_authentication"]
+    assert len(summary["round_seconds"]) == profile.federated.rounds
+
+    # The same app, parameters and data in the in-process simulation: the same model and history.
+    simulated = run_direct(profile, "fedavg", list(sites.values()), tmp_path / "simulation")
+    _assert_same_model(folder, simulated.weights)
+    assert json.loads((folder / "history.json").read_text()) == simulated.history
+
+    # The server's ledger and each site's own record of what its process sent agree, message by message,
+    # up to the message id Flower assigns in transit (64 hex characters plus protobuf framing).
+    for site, directions in summary["bytes"].items():
+        for direction, counts in directions.items():
+            assert counts["messages"] == 1 + 2 * profile.federated.rounds
+            assert abs(counts["difference_bytes"]) <= 70 * counts["messages"], (site, direction, counts)
+            assert counts["ledger_bytes"] > 0 and counts["site_process_bytes"] > 0
+
+    # Flower's configuration stayed inside the build folder: nothing in the user's home.
+    assert not (home / ".flwr").exists()
+    assert (state / "flwr_home" / "cli" / "config.toml").exists()
+    # No private key is published with the results.
+    assert not list(folder.rglob("*.key"))
+
+
+def test_a_node_given_the_other_sites_folder_refuses_to_serve_it(tmp_path):
+    """Wrong node config: halland's SuperNode pointed at sahlgrenska's folder. The run stops, naming the cause."""
+    params = _profile_file(tmp_path / "params", rounds=2, round_timeout_s=60)
+    profile = load_params(params)
+    build = tmp_path / "build"
+    sites = _sites(build, profile)
+    with pytest.raises(SiteIsolationError, match="configured as site 'halland'"):
+        check_site(sites["sahlgrenska"], "halland")
+
+    state = build / dep.STATE
+    with dep.LocalFederation(state, sites) as federation:
+        federation.start_superlink()
+        for site in sites:
+            federation.register(site)
+        wrong = federation.start_supernode("halland", sites["sahlgrenska"])  # the other site's path
+        right = federation.start_supernode("sahlgrenska", sites["sahlgrenska"])
+        federation.wait_connected([wrong.role, right.role])
+        run_id, stream = federation.submit({"params-path": str(params), "strategy": "fedavg",
+                                            "output-dir": str(tmp_path / "server"), "resume": False})
+        status, details = federation.wait(run_id, stream, 300, ["superlink", wrong.role, right.role])
+    assert status == "finished:failed", (status, details)
+    assert "configured as site 'halland'" in details
+    assert not (tmp_path / "server" / CHECKPOINTS / "round_001.npz").exists()
+
+
+def test_confinement_refuses_reads_of_another_sites_folder(tmp_path):
+    """In a confined node process, the other site's files cannot be opened or listed, its own can."""
+    sites = build_sites(tmp_path, {"halland": 200, "sahlgrenska": 200}, seed=3)
+    script = (
+        "import os, sys\n"
+        "from fl.data import load_site\n"
+        "from fl.flower.isolation import confine_to_site, SiteIsolationError\n"
+        f"own, other = {str(sites['halland'])!r}, {str(sites['sahlgrenska'])!r}\n"
+        "confine_to_site(own)\n"
+        "print('own rows', len(load_site(own, 'all')))\n"
+        "for attempt in (lambda: load_site(other, 'all'), lambda: os.listdir(other),\n"
+        "                lambda: open(os.path.join(other, 'cohort.parquet'), 'rb')):\n"
+        "    try:\n"
+        "        attempt(); print('READ')\n"
+        "    except SiteIsolationError as error:\n"
+        "        print('refused', error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "own rows" in result.stdout and "READ" not in result.stdout
+    assert sum(line.startswith("refused") for line in result.stdout.splitlines()) == 3
+    assert "may read only" in result.stdout
+
+
+@pytest.mark.parametrize("victim", ["supernode-halland", "superlink"])
+def test_a_process_killed_mid_run_stops_the_run_and_resume_reaches_the_same_model(tmp_path, victim):
+    params = _profile_file(tmp_path / "params", rounds=3, local_epochs=2)
+    profile = load_params(params)
+    build, home = tmp_path / "build", tmp_path / "home"
+    home.mkdir()
+    sites = _sites(build, profile)
+    state = build / dep.STATE
+    checkpoints = state / dep.SERVER_OUTPUT / CHECKPOINTS
+
+    launcher = _launch(params, build, home=home)
+    try:
+        _wait_for(lambda: (checkpoints / "round_001.npz").exists(), 600, "round 1's checkpoint", launcher)
+        pid = json.loads((state / dep.PIDS_FILE).read_text())[victim]
+        os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
+    assert launcher.returncode == 2
+    assert f"{victim} (pid {pid}) exited with code -9 during the run" in err
+    assert "--resume" in err and "rounds are checkpointed" in err
+    assert not (build / dep.DEPLOYMENT).exists()  # nothing collected from a failed run
+
+    resumed = _launch(params, build, "--resume", home=home)
+    out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err
+    summary = json.loads((build / dep.DEPLOYMENT / "deployment.json").read_text())
+    assert summary["resumed_after_round"] >= 1
+    uninterrupted = run_direct(profile, "fedavg", list(sites.values()), tmp_path / "uninterrupted")
+    _assert_same_model(build / dep.DEPLOYMENT, uninterrupted.weights)
+    assert json.loads((build / dep.DEPLOYMENT / "history.json").read_text()) == uninterrupted.history
