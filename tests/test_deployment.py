@@ -6,6 +6,7 @@ that none of them is left running afterwards, pass or fail.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,23 +34,10 @@ pytestmark = pytest.mark.integration
 def nothing_left_running():
     """Fail (and clean up) if any process a federation started outlives the test."""
     yield
-    leftovers = _federation_processes()
+    leftovers = dep.processes_with_marker()
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"processes left running after the test: {leftovers}"
-
-
-def _federation_processes() -> list[int]:
-    needle = f"{dep.MARKER}=".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and dep._alive(int(entry.name)) and any(
-                    v.startswith(needle) for v in (entry / "environ").read_bytes().split(b"\0")):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def _profile_file(folder: Path, **federated) -> Path:
@@ -66,13 +54,20 @@ def _sites(build: Path, profile) -> dict[str, Path]:
     return build_sites(build, sizes, seed=profile.seed)
 
 
-def _launch(params: Path, build: Path, *extra: str, home: Path) -> subprocess.Popen:
-    """Start the deployment CLI with HOME pointing at an empty folder (nothing may be written there)."""
+@contextlib.contextmanager
+def _launched(params: Path, build: Path, *extra: str, home: Path):
+    """Run the deployment CLI with HOME pointing at an empty folder (nothing may be written there)."""
     env = {**os.environ, "HOME": str(home)}
     env.pop("FLWR_HOME", None)
-    return subprocess.Popen([sys.executable, "-m", "fl.flower.deployment", "--params", str(params),
-                             "--build-dir", str(build), *extra], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "fl.flower.deployment", "--params", str(params),
+                                 "--build-dir", str(build), *extra], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:  # the test failed while it ran: stop it (it stops its processes)
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
 
 
 def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
@@ -99,9 +94,8 @@ def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_no
     build, home = tmp_path / "build", tmp_path / "home"
     home.mkdir()
     sites = _sites(build, profile)
-    launcher = _launch(params, build, home=home)
     state = build / dep.STATE
-    try:
+    with _launched(params, build, home=home) as launcher:
         _wait_for(lambda: "Successfully started run" in (state / "logs" / "run.log").read_text()
                   if (state / "logs" / "run.log").exists() else False, 120, "the run to start", launcher)
         connection = tomllib.loads((state / "flwr_home" / "cli" / "config.toml").read_text())
@@ -124,10 +118,6 @@ def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_no
         for pid in dep.processes_with_marker("intruder"):  # its SuperExec helper
             os.kill(pid, signal.SIGKILL)
         out, err = launcher.communicate(timeout=900)
-    finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            launcher.wait(60)
     assert intruder_exit != 0
     assert "Exit Code: 305" in intruder_log.read_text()  # Flower: the SuperNode could not activate
     assert launcher.returncode == 0, err
@@ -215,23 +205,18 @@ def test_a_process_killed_mid_run_stops_the_run_and_resume_reaches_the_same_mode
     state = build / dep.STATE
     checkpoints = state / dep.SERVER_OUTPUT / CHECKPOINTS
 
-    launcher = _launch(params, build, home=home)
-    try:
+    with _launched(params, build, home=home) as launcher:
         _wait_for(lambda: (checkpoints / "round_001.npz").exists(), 600, "round 1's checkpoint", launcher)
         pid = json.loads((state / dep.PIDS_FILE).read_text())[victim]
         os.kill(pid, signal.SIGKILL)
         out, err = launcher.communicate(timeout=300)
-    finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            launcher.wait(60)
     assert launcher.returncode == 2
     assert f"{victim} (pid {pid}) exited with code -9 during the run" in err
     assert "--resume" in err and "rounds are checkpointed" in err
     assert not (build / dep.DEPLOYMENT).exists()  # nothing collected from a failed run
 
-    resumed = _launch(params, build, "--resume", home=home)
-    out, err = resumed.communicate(timeout=900)
+    with _launched(params, build, "--resume", home=home) as resumed:
+        out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err
     summary = json.loads((build / dep.DEPLOYMENT / "deployment.json").read_text())
     assert summary["resumed_after_round"] >= 1

@@ -310,9 +310,9 @@ class LocalFederation:
         self.stop()
 
 
-def processes_with_marker(token: str) -> list[int]:
-    """Return live PIDs whose environment carries MARKER=token."""
-    needle = f"{MARKER}={token}".encode()
+def processes_with_marker(token: str | None = None) -> list[int]:
+    """Return live PIDs whose environment carries MARKER=token (any federation's if token is None)."""
+    needle = f"{MARKER}={token}".encode() if token else f"{MARKER}=".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -322,7 +322,7 @@ def processes_with_marker(token: str) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and needle in environ.split(b"\0"):
+        if state != "Z" and any(v == needle or (not token and v.startswith(needle)) for v in environ.split(b"\0")):
             found.append(int(entry.name))
     return found
 
