@@ -121,7 +121,8 @@ def train(msg: Message, context: Context) -> Message:
                           round_seed(seed, data.site, int(config["server-round"])))
     content = RecordDict({
         p.ARRAYS: ArrayRecord(result.weights),
-        p.METRICS: MetricRecord({p.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss}),
+        p.METRICS: MetricRecord({p.NUM_EXAMPLES: result.num_examples, p.CLIENT_WEIGHT: 1,
+                                 "train-loss": result.train_loss}),
         p.SITE: _site_record(data),
     })
     return Message(content, reply_to=msg)
@@ -136,7 +137,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     probabilities = predict(kind, hidden, weights, features)
     loss = float(np.mean(ev.record_loss(predict_logits(kind, hidden, weights, features), data.labels)))
     content = RecordDict({
-        p.METRICS: MetricRecord({p.NUM_EXAMPLES: len(data), "test-loss": loss,
+        p.METRICS: MetricRecord({p.NUM_EXAMPLES: len(data), p.CLIENT_WEIGHT: 1, "test-loss": loss,
                                  "auroc": float(ev.auroc(data.labels, probabilities))}),
         p.SITE: _site_record(data),
     })

@@ -19,6 +19,8 @@ SITE = "site"  # the replying site's name and feature list
 QUERY_STATISTICS = "query.statistics"
 
 NUM_EXAMPLES = "num-examples"
+#: Every site's weight is 1 under this key: client-level DP averages sites unweighted (its sensitivity is C/n).
+CLIENT_WEIGHT = "client-weight"
 
 
 def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hidden: tuple[int, ...],

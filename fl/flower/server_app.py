@@ -6,7 +6,9 @@ settings) and writes its results to `output-dir`: `ledger.jsonl`,
 `checkpoints/round_NNN.npz` and `final_model.npz`.
 
 Run configuration keys: `params-path` (profile YAML), `strategy` (fedavg,
-fedprox, fedadam), `output-dir`.
+fedprox, fedadam), `output-dir`, `resume`, and for client-level DP around
+FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
+`client-dp-clipping-norm`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx
 
 from compendium.artifacts import save_arrays
 from compendium.params import Profile, load_params
@@ -133,11 +135,59 @@ class ResumableFedAdam(_Resumable, FedAdam):
     """FedAdam that can continue from a checkpoint (its moments are checkpointed)."""
 
 
-def make_strategy(name: str, profile: Profile, n_sites: int):
-    """Return the Flower strategy `name`, requiring every site in every round."""
+@dataclass(frozen=True)
+class ClientLevelDP:
+    """Client-level DP settings: each site's update clipped to `clipping_norm`, Gaussian noise on the average."""
+
+    noise_multiplier: float
+    clipping_norm: float
+
+
+class SeededClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's client-level DP wrapper (server-side fixed clipping) around unweighted FedAvg, made reproducible.
+
+    Flower draws the noise from numpy's global generator; seeding it from
+    (seed, round) before each aggregation makes a run, and a resumed run,
+    reproducible. The wrapper forwards the checkpoint hooks to the strategy it
+    wraps.
+    """
+
+    def __init__(self, strategy: "ResumableFedAvg", dp: ClientLevelDP, n_sites: int, seed: int):
+        super().__init__(strategy, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
+                         num_sampled_clients=n_sites)
+        self.seed = seed
+
+    def aggregate_train(self, server_round, replies):
+        absolute = server_round + self.strategy.round_offset
+        np.random.seed(np.random.SeedSequence([self.seed, 8, absolute]).generate_state(1)[0])
+        return super().aggregate_train(server_round, replies)
+
+    @property
+    def round_offset(self) -> int:
+        return self.strategy.round_offset
+
+    @round_offset.setter
+    def round_offset(self, value: int) -> None:
+        self.strategy.round_offset = value
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return self.strategy.state_arrays()
+
+    def load_state(self, saved) -> None:
+        self.strategy.load_state(saved)
+
+
+def make_strategy(name: str, profile: Profile, n_sites: int, client_dp: ClientLevelDP | None = None):
+    """Return the Flower strategy `name`, requiring every site in every round (optionally with client-level DP)."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
                   min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
     f = profile.federated
+    if client_dp is not None:
+        if name != "fedavg":
+            raise FederationError(f"client-level DP wraps FedAvg only, not {name!r}")
+        inner = ResumableFedAvg(**common, weighted_by_key=p.CLIENT_WEIGHT)
+        inner.n_sites, inner.site_timeout = n_sites, f.round_timeout_s
+        return SeededClientLevelDP(inner, client_dp, n_sites, profile.seed)
     if name == "fedavg":
         strategy = ResumableFedAvg(**common)
     elif name == "fedprox":
@@ -230,7 +280,7 @@ def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
 
 
 def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir: Path,
-                   resume: bool = False) -> FederationResult:
+                   resume: bool = False, client_dp: ClientLevelDP | None = None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
 
     With `resume`, training continues from the last round checkpoint in
@@ -259,7 +309,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
     hidden = tuple(profile.baselines.mlp_hidden)
     kind = profile.baselines.model
     settings = p.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed)
-    strategy = make_strategy(strategy_name, profile, n_sites)
+    strategy = make_strategy(strategy_name, profile, n_sites, client_dp)
     if done:
         saved = np.load(output_dir / CHECKPOINTS / f"round_{done:03d}.npz")
         start = [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
@@ -301,5 +351,9 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for Flower's engines: settings come from the run configuration."""
     config = context.run_config
     profile = load_params(str(config["params-path"]))
+    client_dp = None
+    if float(config.get("client-dp-noise-multiplier", 0.0)) > 0:
+        client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
+                                  float(config["client-dp-clipping-norm"]))
     run_federation(grid, profile, str(config["strategy"]), Path(str(config["output-dir"])),
-                   resume=bool(config.get("resume", False)))
+                   resume=bool(config.get("resume", False)), client_dp=client_dp)

@@ -1,0 +1,62 @@
+"""Client-level differential privacy with two hospitals: Flower's DP wrapper, its epsilon and its cost.
+
+Client-level DP protects a whole hospital's contribution, not one patient:
+each round the aggregator clips every hospital's model update to a norm
+`C`, averages the clipped updates unweighted and adds Gaussian noise of
+standard deviation `noise_multiplier * C / n_sites` (Flower's
+`DifferentialPrivacyServerSideFixedClipping`, run through the pilot's own
+ServerApp, `fl.flower.server_app.SeededClientLevelDP`). With every hospital
+in every round there is no sampling to amplify privacy, so the RDP
+accountant composes `rounds` full Gaussian mechanisms. Epsilon is stated at
+a delta for the unit "one hospital".
+
+What it does not do: the aggregator adds the noise after it has seen each
+hospital's clipped update, so client-level DP protects the released model
+(and each round's global model) against everyone else, not the updates
+against the aggregator (position C). With two hospitals, either one can
+subtract its own clipped update from the global model and is left with the
+other's update plus noise of standard deviation `noise_multiplier * C` per
+weight: that noise, and nothing else, is what protects the partner
+(position D). Secure aggregation hides the individual updates from the
+aggregator but, with two hospitals, not from each other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from opacus.accountants import RDPAccountant
+
+from compendium.params import Profile
+from fl.flower.engine import run_direct
+from fl.flower.server_app import ClientLevelDP
+
+UNIT = "one hospital (client-level)"
+ACCOUNTANT = "RDP (Opacus RDPAccountant), no subsampling (every hospital in every round)"
+
+
+def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Return epsilon at `delta` after `rounds` Gaussian releases with sensitivity C/n and noise z*C/n."""
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, 1.0, rounds)]
+    return float(accountant.get_epsilon(delta))
+
+
+def client_level_frontier(profile: Profile, site_dirs: list[Path], output_dir: Path,
+                          noise_multipliers: list[float], clipping_norm: float, delta: float) -> pd.DataFrame:
+    """Return one row per noise level (0 = no DP): epsilon at delta and the final model's AUROC at each site.
+
+    AUROC is each site's own evaluation of the final global model on its
+    test split (the last round of the run's history), as in stage 3.
+    """
+    rows = []
+    for noise in [0.0, *noise_multipliers]:
+        dp = ClientLevelDP(noise, clipping_norm) if noise > 0 else None
+        result = run_direct(profile, "fedavg", site_dirs, Path(output_dir) / f"noise_{noise:g}", client_dp=dp)
+        last = max(row["round"] for row in result.history)
+        auroc = {row["site"]: float(row["auroc"]) for row in result.history if row["round"] == last}
+        rows.append({"noise_multiplier": noise, "clipping_norm": clipping_norm if noise > 0 else None,
+                     "epsilon": client_level_epsilon(noise, profile.federated.rounds, delta) if noise > 0
+                     else float("inf"),
+                     "delta": delta, **{f"auroc_{site}": value for site, value in sorted(auroc.items())}})
+    return pd.DataFrame(rows)

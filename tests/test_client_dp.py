@@ -1,0 +1,93 @@
+"""Client-level DP: Flower's server-side clipping wrapper in the pilot's ServerApp, and its accountant."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from compendium.params import PARAMS_DIR, load_params
+from fl.data import load_site, site_dir
+from fl.federated import initial_weights, local_update, round_seed
+from fl.flower.engine import run_direct
+from fl.flower.server_app import ClientLevelDP, FederationError, local_train_config
+from fl.privacy.client_dp import client_level_epsilon, client_level_frontier
+from synthetic_sites import build_sites
+
+SITES = {"halland": 400, "sahlgrenska": 600}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    build_sites(root, SITES, seed=11)
+    return root
+
+
+@pytest.fixture(scope="module")
+def profile():
+    smoke = load_params(PARAMS_DIR / "smoke.yaml")
+    return smoke.model_copy(update={"federated": smoke.federated.model_copy(update={"rounds": 1, "local_epochs": 2})})
+
+
+def _dirs(build):
+    return [site_dir(build, site) for site in SITES]
+
+
+def _clipped_mean_by_hand(build, profile, spec, clipping_norm):
+    """Return start + the unweighted mean of each site's update clipped to `clipping_norm` (one round)."""
+    start = initial_weights("logistic", spec.n_outputs, (), profile.seed)
+    updates = []
+    for site in sorted(SITES):
+        data = load_site(site_dir(build, site), "train")
+        result = local_update("logistic", (), start, spec.transform(data.features), data.labels,
+                              local_train_config(profile), round_seed(profile.seed, site, 1))
+        update = [w - s for w, s in zip(result.weights, start)]
+        norm = np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update))
+        updates.append([u * min(1.0, clipping_norm / norm) for u in update])
+    return [s + np.mean([u[i] for u in updates], axis=0) for i, s in enumerate(start)]
+
+
+def test_with_negligible_noise_the_global_model_is_the_mean_of_clipped_updates(build, profile, tmp_path):
+    clipping = 0.05  # well below the updates' norms here, so clipping is active
+    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "dp", client_dp=ClientLevelDP(1e-9, clipping))
+    expected = _clipped_mean_by_hand(build, profile, result.spec, clipping)
+    for got, want in zip(result.weights, expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_noise_has_the_advertised_scale_and_is_reproducible(build, profile, tmp_path):
+    clipping, noise = 0.05, 2.0
+    dp = ClientLevelDP(noise, clipping)
+    first = run_direct(profile, "fedavg", _dirs(build), tmp_path / "a", client_dp=dp)
+    again = run_direct(profile, "fedavg", _dirs(build), tmp_path / "b", client_dp=dp)
+    for a, b in zip(first.weights, again.weights):
+        np.testing.assert_array_equal(a, b)
+    expected = _clipped_mean_by_hand(build, profile, first.spec, clipping)
+    residual = np.concatenate([(g - w).ravel() for g, w in zip(first.weights, expected)])
+    scale = noise * clipping / len(SITES)  # Flower's stdv: z * C / number of sampled clients
+    assert 0.5 * scale < residual.std() < 1.6 * scale, (residual.std(), scale)
+
+
+def test_client_level_dp_wraps_fedavg_only(build, profile, tmp_path):
+    with pytest.raises(FederationError, match="wraps FedAvg only"):
+        run_direct(profile, "fedprox", _dirs(build), tmp_path / "x", client_dp=ClientLevelDP(1.0, 1.0))
+
+
+@pytest.mark.parametrize("noise, rounds", [(0.5, 8), (1.0, 8), (4.0, 30)])
+def test_epsilon_is_the_composed_gaussian_rdp(noise, rounds):
+    """Independent check: T Gaussian mechanisms have RDP T*a/(2 z^2); the classic conversion bounds epsilon."""
+    delta = 1e-5
+    orders = np.array([a for a in RDPAccountant.DEFAULT_ALPHAS if a > 1])
+    classic = float(np.min(rounds * orders / (2 * noise ** 2) + np.log(1 / delta) / (orders - 1)))
+    epsilon = client_level_epsilon(noise, rounds, delta)
+    assert 0.85 * classic <= epsilon <= classic
+    assert client_level_epsilon(2 * noise, rounds, delta) < epsilon < client_level_epsilon(noise, 2 * rounds, delta)
+
+
+def test_the_frontier_has_a_no_dp_reference_and_loses_utility_with_noise(build, profile, tmp_path):
+    longer = profile.model_copy(update={"federated": profile.federated.model_copy(update={"rounds": 4})})
+    frontier = client_level_frontier(longer, _dirs(build), tmp_path, [0.5, 8.0], clipping_norm=0.5, delta=1e-5)
+    assert list(frontier["noise_multiplier"]) == [0.0, 0.5, 8.0]
+    assert np.isinf(frontier["epsilon"].iloc[0]) and frontier["epsilon"].iloc[1] > frontier["epsilon"].iloc[2]
+    auroc = frontier[[f"auroc_{s}" for s in SITES]].mean(axis=1)
+    assert auroc.iloc[0] > auroc.iloc[2] + 0.05  # heavy noise costs utility
