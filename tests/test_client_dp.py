@@ -91,3 +91,23 @@ def test_the_frontier_has_a_no_dp_reference_and_loses_utility_with_noise(build, 
     assert np.isinf(frontier["epsilon"].iloc[0]) and frontier["epsilon"].iloc[1] > frontier["epsilon"].iloc[2]
     auroc = frontier[[f"auroc_{s}" for s in SITES]].mean(axis=1)
     assert auroc.iloc[0] > auroc.iloc[2] + 0.05  # heavy noise costs utility
+
+
+def test_patient_level_dp_sgd_inside_the_clientapp_equals_the_plain_dp_loop(build, profile, tmp_path):
+    """DP-SGD in each hospital's ClientApp, accountant kept in the node's state: same model and epsilon as dp_fedavg."""
+    from fl.privacy.dp import DPConfig, dp_fedavg
+
+    three = profile.model_copy(update={"federated": profile.federated.model_copy(update={"rounds": 3})})
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, delta=1e-5, learning_rate=0.5,
+                      local_epochs=1)
+    result = run_direct(three, "fedavg", _dirs(build), tmp_path / "dp", patient_dp=config)
+    data = {site: load_site(site_dir(build, site), "train") for site in SITES}
+    arrays = {site: (result.spec.transform(d.features), d.labels) for site, d in data.items()}
+    start = initial_weights("logistic", result.spec.n_outputs, (), three.seed)
+    plain, epsilons = dp_fedavg(arrays, start, 3, config, three.seed)
+    for got, want in zip(result.weights, plain):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    last = {row["site"]: row["epsilon"] for row in result.history if row["round"] == 3}
+    assert last == pytest.approx(epsilons, rel=1e-12)
+    first = {row["site"]: row["epsilon"] for row in result.history if row["round"] == 1}
+    assert all(first[site] < last[site] for site in SITES)  # the accountant was not reset between rounds

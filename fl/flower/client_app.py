@@ -117,15 +117,47 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[p.CONFIG]
     spec, train_config, kind, hidden, seed = p.read_settings(config)
     weights = msg.content[p.ARRAYS].to_numpy_ndarrays()
-    result = local_update(kind, hidden, weights, _matrix(data, spec), data.labels, train_config,
-                          round_seed(seed, data.site, int(config["server-round"])))
+    seed_of_round = round_seed(seed, data.site, int(config["server-round"]))
+    dp = p.read_dp(config)
+    metrics = {}
+    if dp is None:
+        result = local_update(kind, hidden, weights, _matrix(data, spec), data.labels, train_config, seed_of_round)
+    else:
+        result, metrics["epsilon"] = _dp_update(weights, _matrix(data, spec), data.labels, dp, kind, context,
+                                                seed_of_round)
     content = RecordDict({
         p.ARRAYS: ArrayRecord(result.weights),
         p.METRICS: MetricRecord({p.NUM_EXAMPLES: result.num_examples, p.CLIENT_WEIGHT: 1,
-                                 "train-loss": result.train_loss}),
+                                 "train-loss": result.train_loss, **metrics}),
         p.SITE: _site_record(data),
     })
     return Message(content, reply_to=msg)
+
+
+def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed: int):
+    """Return (local DP-SGD result, this site's epsilon so far); the accountant lives in the node's state.
+
+    The accountant is never reset between rounds: its history (noise,
+    sample rate, steps) is kept in the node's Context state, which Flower
+    carries from one message to the next, so the epsilon a site reports
+    covers every round it has trained in.
+    """
+    from opacus.accountants import RDPAccountant
+
+    from fl.privacy.dp import dp_local_update
+
+    if kind != "logistic":
+        raise ValueError(f"patient-level DP-SGD is implemented for the logistic model, not {kind!r}")
+    accountant = RDPAccountant()
+    if p.DP_ACCOUNTANT in context.state:
+        saved = context.state[p.DP_ACCOUNTANT]
+        accountant.history = [(float(z), float(q), int(n)) for z, q, n in
+                              zip(saved["noise"], saved["sample-rate"], saved["steps"])]
+    result = dp_local_update(weights, features, labels, dp, accountant, seed)
+    context.state[p.DP_ACCOUNTANT] = ConfigRecord({"noise": [float(h[0]) for h in accountant.history],
+                                                   "sample-rate": [float(h[1]) for h in accountant.history],
+                                                   "steps": [int(h[2]) for h in accountant.history]})
+    return result, float(accountant.get_epsilon(dp.delta))
 
 
 @app.evaluate()

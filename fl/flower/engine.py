@@ -104,12 +104,13 @@ def direct_contexts(site_dirs: list[Path]) -> dict[int, Context]:
 
 def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path,
                resume: bool = False, grid: Grid | None = None,
-               client_dp: server_app.ClientLevelDP | None = None) -> server_app.FederationResult:
+               client_dp: server_app.ClientLevelDP | None = None, patient_dp=None) -> server_app.FederationResult:
     """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose)."""
     # Messages take their run and sender from the process's task identity, as in Flower's engines.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
     grid = grid or DirectGrid(direct_contexts(site_dirs))
-    return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume, client_dp=client_dp)
+    return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume, client_dp=client_dp,
+                                     patient_dp=patient_dp)
 
 
 def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path) -> None:

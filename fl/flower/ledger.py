@@ -22,7 +22,7 @@ from fl.flower import protocol as p
 
 #: Config keys whose values the ledger shows (settings, not data).
 SHOWN_CONFIG_KEYS = ("site", "features", "model", "hidden", "local-epochs", "batch-size", "learning-rate",
-                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu")
+                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu", *p.DP_KEYS)
 
 
 def describe_message(message: Message) -> dict:

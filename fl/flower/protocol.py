@@ -58,3 +58,29 @@ def read_settings(config: ConfigRecord) -> tuple[PreprocessingSpec, TrainConfig,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     return spec, train, str(config["model"]), tuple(int(h) for h in config["hidden"]), int(config["seed"])
+
+
+#: Patient-level DP-SGD settings in a training config (present only when DP is on).
+DP_KEYS = ("dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-delta", "dp-learning-rate",
+           "dp-local-epochs")
+#: Where a site keeps its DP accountant between rounds (Context.state).
+DP_ACCOUNTANT = "dp-accountant"
+
+
+def dp_entries(config) -> dict:
+    """Return the training-config entries of a patient-level DP-SGD configuration (fl.privacy.dp.DPConfig)."""
+    values = (config.noise_multiplier, config.max_grad_norm, config.sample_rate, config.delta, config.learning_rate,
+              config.local_epochs)
+    return {key: float(value) if key != "dp-local-epochs" else int(value) for key, value in zip(DP_KEYS, values)}
+
+
+def read_dp(config: ConfigRecord):
+    """Return the DPConfig a training config carries, or None when DP is off."""
+    if DP_KEYS[0] not in config:
+        return None
+    from fl.privacy.dp import DPConfig
+
+    return DPConfig(noise_multiplier=float(config["dp-noise-multiplier"]),
+                    max_grad_norm=float(config["dp-max-grad-norm"]), sample_rate=float(config["dp-sample-rate"]),
+                    delta=float(config["dp-delta"]), learning_rate=float(config["dp-learning-rate"]),
+                    local_epochs=int(config["dp-local-epochs"]))

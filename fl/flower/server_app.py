@@ -8,7 +8,8 @@ settings) and writes its results to `output-dir`: `ledger.jsonl`,
 Run configuration keys: `params-path` (profile YAML), `strategy` (fedavg,
 fedprox, fedadam), `output-dir`, `resume`, and for client-level DP around
 FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
-`client-dp-clipping-norm`.
+`client-dp-clipping-norm`; for patient-level DP-SGD at every site the
+`dp-*` keys of `protocol.DP_KEYS`.
 """
 from __future__ import annotations
 
@@ -273,6 +274,8 @@ def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
         row = table.setdefault(site, {"round": server_round, "site": site})
         if message_type == MessageType.TRAIN:
             row["train_loss"] = metrics["train-loss"]
+            if "epsilon" in metrics:  # the site's patient-level epsilon after this round (DP-SGD runs)
+                row["epsilon"] = metrics["epsilon"]
         else:
             row["test_loss"] = metrics["test-loss"]
             row["auroc"] = metrics["auroc"]
@@ -280,7 +283,8 @@ def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
 
 
 def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir: Path,
-                   resume: bool = False, client_dp: ClientLevelDP | None = None) -> FederationResult:
+                   resume: bool = False, client_dp: ClientLevelDP | None = None,
+                   patient_dp=None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
 
     With `resume`, training continues from the last round checkpoint in
@@ -308,7 +312,9 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
 
     hidden = tuple(profile.baselines.mlp_hidden)
     kind = profile.baselines.model
-    settings = p.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed)
+    settings = dict(p.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
+    if patient_dp is not None:  # fl.privacy.dp.DPConfig: DP-SGD at every site, accountant kept by each site
+        settings.update(p.dp_entries(patient_dp))
     strategy = make_strategy(strategy_name, profile, n_sites, client_dp)
     if done:
         saved = np.load(output_dir / CHECKPOINTS / f"round_{done:03d}.npz")
@@ -356,4 +362,4 @@ def main(grid: Grid, context: Context) -> None:
         client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
                                   float(config["client-dp-clipping-norm"]))
     run_federation(grid, profile, str(config["strategy"]), Path(str(config["output-dir"])),
-                   resume=bool(config.get("resume", False)), client_dp=client_dp)
+                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=p.read_dp(config))
