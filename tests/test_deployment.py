@@ -24,6 +24,7 @@ from compendium.params import PARAMS_DIR, REPO_ROOT, load_params
 from fl.flower import deployment as dep
 from fl.flower.engine import run_direct
 from fl.flower.isolation import SiteIsolationError, check_site
+from fl.flower.protocol import dp_entries
 from fl.flower.server_app import CHECKPOINTS
 from synthetic_sites import build_sites
 
@@ -223,3 +224,32 @@ def test_a_process_killed_mid_run_stops_the_run_and_resume_reaches_the_same_mode
     uninterrupted = run_direct(profile, "fedavg", list(sites.values()), tmp_path / "uninterrupted")
     _assert_same_model(build / dep.DEPLOYMENT, uninterrupted.weights)
     assert json.loads((build / dep.DEPLOYMENT / "history.json").read_text()) == uninterrupted.history
+
+
+def test_patient_level_dp_sgd_runs_in_the_deployment_with_the_accountant_kept_across_processes(tmp_path):
+    """Each message is a new ClientApp process: the accountant must survive in the node's Context state."""
+    from fl.privacy.dp import DPConfig
+
+    params = _profile_file(tmp_path / "params", rounds=2)
+    profile = load_params(params)
+    sites = _sites(tmp_path / "build", profile)
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, delta=1e-5, learning_rate=0.5,
+                  local_epochs=1)
+    with dep.LocalFederation(tmp_path / "build" / dep.STATE, sites) as federation:
+        federation.start_superlink()
+        for site in sites:
+            federation.register(site)
+        nodes = [federation.start_supernode(site, folder).role for site, folder in sites.items()]
+        federation.wait_connected(nodes)
+        run_id, stream = federation.submit({"params-path": str(params), "strategy": "fedavg",
+                                            "output-dir": str(tmp_path / "server"), "resume": False,
+                                            **dp_entries(dp)})
+        status = federation.wait(run_id, stream, 600, ["superlink", *nodes])
+    assert status[0] == "finished:completed", status
+    simulated = run_direct(profile, "fedavg", list(sites.values()), tmp_path / "simulation", patient_dp=dp)
+    _assert_same_model(tmp_path / "server", simulated.weights)
+    history = json.loads((tmp_path / "server" / "history.json").read_text())
+    assert history == simulated.history
+    epsilon = {(row["site"], row["round"]): row["epsilon"] for row in history}
+    assert all(epsilon[(site, 2)] > epsilon[(site, 1)] for site in sites)
+

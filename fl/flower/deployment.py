@@ -180,6 +180,11 @@ class LocalFederation:
     def start_superlink(self, timeout: float = 60) -> Service:
         """Start the SuperLink (TLS, node authentication, state on disk) and wait until it listens."""
         c = self.credentials
+        # Fresh state every time (keys are registered again): a node killed without signing off stays
+        # "online" in the old state until its heartbeats expire, and is refused re-activation until
+        # then. What a resumed run needs is the ServerApp's checkpoints, not the SuperLink's state.
+        for database in self.state_dir.glob("superlink.db*"):
+            database.unlink()
         service = self.start("superlink", [
             _bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca_certificate),
             "--ssl-certfile", str(c.server_certificate), "--ssl-keyfile", str(c.server_key),
@@ -376,11 +381,6 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
     if not resume:  # a fresh run: no checkpoints, no ledgers, no logs
         for folder in (server, ledgers, state / "logs"):
             shutil.rmtree(folder, ignore_errors=True)
-    # The SuperLink starts from fresh state every time (keys are registered again): a node killed
-    # without signing off stays "online" in the old state until its heartbeats expire, and is
-    # refused re-activation until then. What a resumed run needs is the ServerApp's checkpoints.
-    for database in state.glob("superlink.db*"):
-        database.unlink()
     ledgers.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     timeout = timeout or profile.federated.round_timeout_s * (profile.federated.rounds + 1)

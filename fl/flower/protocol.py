@@ -75,8 +75,8 @@ def dp_entries(config) -> dict:
 
 
 def read_dp(config: ConfigRecord):
-    """Return the DPConfig a training config carries, or None when DP is off."""
-    if DP_KEYS[0] not in config:
+    """Return the DPConfig a training (or run) config carries, or None when DP is off (no or zero noise)."""
+    if float(config.get(DP_KEYS[0], 0.0)) <= 0:
         return None
     from fl.privacy.dp import DPConfig
 
