@@ -23,6 +23,7 @@ import yaml
 from compendium.params import PARAMS_DIR, REPO_ROOT, load_params
 from fl.flower import deployment as dep
 from fl.flower.engine import run_direct
+from fl.flower.credentials import make_node_key
 from fl.flower.isolation import SiteIsolationError, check_site
 from fl.flower.protocol import dp_entries
 from fl.flower.server_app import CHECKPOINTS
@@ -102,7 +103,7 @@ def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_no
         connection = tomllib.loads((state / "flwr_home" / "cli" / "config.toml").read_text())
         address = connection["superlink"][dep.CONNECTION]["address"]
         # A SuperNode whose key was never registered tries to join the running federation.
-        dep.make_node_key(tmp_path / "intruder.key", tmp_path / "intruder.pub")
+        make_node_key(tmp_path / "intruder.key", tmp_path / "intruder.pub")
         # (Output to a file: Flower's detached helper process would hold a pipe open.)
         intruder_log = tmp_path / "intruder.log"
         with open(intruder_log, "w") as log:

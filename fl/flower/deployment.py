@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 
 from compendium.artifacts import relative, replace_folder, write_json
-from compendium.params import REPO_ROOT, ParamsError, Profile, load_params, profile_path
+from compendium.params import REPO_ROOT, ParamsError, load_params, profile_path
 from fl.data import site_dir
-from fl.flower.credentials import Credentials, make_credentials, make_node_key
+from fl.flower.credentials import Credentials, make_credentials
 from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint)
 
 #: Every process a federation starts carries this variable (inherited by Flower's own
