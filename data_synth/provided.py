@@ -166,15 +166,15 @@ def _binary(dataset: Dataset, site: str, column: str, values: pd.Series, positiv
     present = text.dropna()
     if positive is None:
         allowed = {"0": 0.0, "1": 1.0, "true": 1.0, "false": 0.0}
-        bad = ~present.isin(list(allowed))
+        bad = text.notna() & ~text.isin(list(allowed))
         if bad.any():
-            raise DatasetError(f"{_where(dataset, site, column)} is declared binary but holds {_examples(present[bad])}"
+            raise DatasetError(f"{_where(dataset, site, column)} is declared binary but holds {_examples(values[bad])}"
                                "; binary values must be 0/1 or true/false, or give `positive:` (the value meaning 1)")
         return text.map(allowed).astype(float)
     distinct = sorted(set(present))
     if len(distinct) > 2:
         raise DatasetError(f"{_where(dataset, site, column)} is declared binary but has {len(distinct)} distinct "
-                           f"values, e.g. {distinct[:3]}; declare it categorical with `levels:`")
+                           f"values, e.g. {_examples(values)}; declare it categorical with `levels:`")
     return pd.Series(np.where(text.isna(), np.nan, (text == _scalar_text(positive)).astype(float)), index=values.index)
 
 
@@ -184,7 +184,7 @@ def _categorical(dataset: Dataset, site: str, name: str, column: str, values: pd
     levels = [_scalar_text(level) for level in spec.levels]
     bad = text.notna() & ~text.isin(levels)
     if bad.any():
-        raise DatasetError(f"{_where(dataset, site, column)} has value(s) {_examples(text[bad])} not among the "
+        raise DatasetError(f"{_where(dataset, site, column)} has value(s) {_examples(values[bad])} not among the "
                            f"declared levels {spec.levels}; add them to `levels:` or recode them")
     return {level_column(name, raw): pd.Series(np.where(text.isna(), np.nan, (text == level).astype(float)),
                                                index=values.index)
@@ -198,7 +198,7 @@ def outcome_labels(dataset: Dataset, site: str, rows: pd.DataFrame) -> pd.Series
     distinct = sorted(set(text.dropna()))
     if len(distinct) > 2:
         raise DatasetError(f"{_where(dataset, site, outcome.column)}: the outcome has {len(distinct)} distinct values "
-                           f"({distinct[:5]}); it must have two (the positive value {outcome.positive!r} and one other)")
+                           f"({_examples(rows[outcome.column], 5)}); it must have two (the positive value {outcome.positive!r} and one other)")
     return pd.Series(np.where(text.isna(), np.nan, (text == _scalar_text(outcome.positive)).astype(float)),
                      index=rows.index)
 
@@ -253,7 +253,7 @@ def site_cohort(dataset: Dataset, site: str, rows: pd.DataFrame, seed: int, test
         bad = ~text.isin([train, test])
         if bad.any():
             raise DatasetError(f"{_where(dataset, site, columns.split.column)}: split values must be {train!r} "
-                               f"(train) or {test!r} (test); found {_examples(text[bad])}")
+                               f"(train) or {test!r} (test); found {_examples(rows.loc[bad, columns.split.column])}")
         split = np.where(text == test, "test", "train").astype(object)
     else:
         rng = np.random.default_rng(np.random.SeedSequence([seed, *site.encode()]))

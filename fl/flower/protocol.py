@@ -27,9 +27,7 @@ def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hid
     return ConfigRecord({
         "spec-mean": [float(v) for v in spec.mean],
         "spec-std": [float(v) for v in spec.std],
-        "features": list(spec.schema.features),
-        "log-features": list(spec.schema.log_features),
-        "indicator-features": list(spec.schema.indicator_features),
+        **site_schema_fields(spec.schema),
         "model": model,
         "hidden": [int(h) for h in hidden],
         "local-epochs": int(train.epochs),
@@ -42,9 +40,13 @@ def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hid
 
 
 def site_schema_fields(schema: FeatureSchema) -> dict:
-    """Return the schema fields a site reports with its statistics (names only, no values)."""
-    return {"features": list(schema.features), "log-features": list(schema.log_features),
-            "indicator-features": list(schema.indicator_features)}
+    """Return the schema fields a site reports with its statistics (names only, no values).
+
+    Flower's ConfigRecord cannot hold an empty list: an empty transform list is left out.
+    """
+    fields = {"features": list(schema.features), "log-features": list(schema.log_features),
+              "indicator-features": list(schema.indicator_features)}
+    return {key: value for key, value in fields.items() if value}
 
 
 def schema_of(record) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
