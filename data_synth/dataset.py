@@ -252,16 +252,17 @@ def validate_dataset(data: Any, path: Path, shown: str | None = None) -> Dataset
 def load_dataset(path: str | Path) -> Dataset:
     """Return the validated dataset described by the YAML file at `path`."""
     path = Path(path)
-    return _load(path.resolve(), path.stat().st_mtime_ns if path.is_file() else 0, str(path))
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such dataset file; give the path of a dataset YAML "
+                           "(see docs/bring_your_own_data.md)")
+    return _load(path.resolve(), path.read_text(), str(path))
 
 
 @lru_cache(maxsize=8)
-def _load(path: Path, modified_ns: int, shown: str) -> Dataset:
-    if not path.is_file():
-        raise DatasetError(f"{shown}: no such dataset file; give the path of a dataset YAML "
-                           "(see docs/bring_your_own_data.md)")
+def _load(path: Path, text: str, shown: str) -> Dataset:
+    """Return the Dataset of one YAML text (cached: stages ask for the sites many times)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise DatasetError(f"{shown}: not valid YAML ({error})") from None
     return validate_dataset(data, path, shown)

@@ -257,3 +257,25 @@ def test_cli_reports_a_bad_dataset_and_exits_non_zero(tmp_path):
     assert "bad.yaml: name: String should match pattern" in result.stderr
     assert "sites: a federation here has 2 to 10 sites, got 0" in result.stderr
     assert not (tmp_path / "build").exists()
+
+
+def test_omop_sites_go_through_the_cohort_builder_without_identifiers(tmp_path):
+    from data_synth.generator import generate_site
+    from data_synth.sites import site_profile
+    from fl.data import SYNTHETIC_SCHEMA
+
+    for site in ("halland", "sahlgrenska"):
+        generate_site(site_profile(site, {"patients": 300}), 11, tmp_path / "extracts" / site, progress=False)
+    spec = {"name": "omop-pair", "sites": {s: {"omop": f"extracts/{s}/omop"} for s in ("halland", "sahlgrenska")}}
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(spec))
+    results, schema = _build(tmp_path, str(tmp_path / "pair.yaml"))
+    assert schema == SYNTHETIC_SCHEMA
+    for site in ("halland", "sahlgrenska"):
+        columns = pq.read_table(site_dir(tmp_path / "out", site) / "cohort.parquet").column_names
+        assert not set(provided.OMOP_IDENTIFIERS) & set(columns)
+        data = load_site(site_dir(tmp_path / "out", site), "test")
+        assert len(data) == (results[site].cohort["split"] == "test").sum() > 0
+    spec["columns"] = {"outcome": {"column": "x", "positive": 1}, "features": {"a": {"type": "numeric"}}}
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DatasetError, match="OMOP sites use the cohort builder's variables; remove `columns:`"):
+        load_dataset(tmp_path / "pair.yaml")
