@@ -4,7 +4,7 @@ Each profile runs from an empty build folder (so every stage executes) and the
 result is compared with its budget on the reference machine (2 cores):
 `make smoke` within 90 s, `make all` (default) within 600 s, and stage 1 of
 the smoke profile within 20 s. `byod` is the worked bring-your-own-data
-example (`make all PROFILE=smoke DATA=examples/byod/three-hospitals.yaml`),
+example (`make all PROFILE=smoke DATA=examples/byod/four-sites.yaml`),
 also within 90 s. Results go to build/bench/pipeline.json.
 
     python -m benchmarks.pipeline [--profiles smoke default byod] [--out build/bench/pipeline.json]
@@ -27,7 +27,7 @@ from compendium.params import REPO_ROOT, build_name
 
 BUDGET_SECONDS = {"smoke": 90.0, "default": 600.0, "byod": 90.0}
 #: Benchmarks that are a profile on a provided dataset: name -> (profile, dataset YAML).
-PROVIDED = {"byod": ("smoke", "examples/byod/three-hospitals.yaml")}
+PROVIDED = {"byod": ("smoke", "examples/byod/four-sites.yaml")}
 STAGE1_SMOKE_BUDGET = 20.0
 
 

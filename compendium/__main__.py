@@ -7,14 +7,14 @@ from pathlib import Path
 
 from compendium import artifacts
 from compendium.params import ParamsError, build_name, load_params, profile_path
-from compendium.stages import BUILD_ROOT, STAGES, StageError, pipeline, run_stage
+from compendium.stages import ALL_STAGES, BUILD_ROOT, StageError, pipeline, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compendium")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one stage for a profile")
-    run.add_argument("stage", choices=list(STAGES))
+    run.add_argument("stage", choices=list(ALL_STAGES))
     run.add_argument("--profile", default="default")
     run.add_argument("--build-root", type=Path, default=BUILD_ROOT, help="where build/<profile>/ lives")
     run.add_argument("--no-progress", action="store_true")

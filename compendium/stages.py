@@ -42,7 +42,6 @@ STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage("01_synthetic_ehr", "Synthetic EHR and cohort", ("data_synth", "compendium")),
-        Stage("01_data_card", "Data card of the provided data", ("data_synth", "fl", "compendium")),
         Stage("02_local_baselines", "Local baselines and references", ("fl", "data_synth", "compendium"),
               upstream=("01_synthetic_ehr",)),
         Stage("03_federated_training", "Federated training with Flower", ("fl", "data_synth", "compendium"),
@@ -53,16 +52,16 @@ STAGES: dict[str, Stage] = {
               upstream=("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")),
     )
 }
-
-
 #: Stage 1 is the synthetic generator, or, on a provided dataset, its data card; later stages read either.
 SYNTHETIC_STAGE, DATA_CARD_STAGE = "01_synthetic_ehr", "01_data_card"
+DATA_CARD = Stage(DATA_CARD_STAGE, "Data card of the provided data", ("data_synth", "fl", "compendium"))
+#: Every stage that can run: the synthetic pipeline (STAGES) and the data card.
+ALL_STAGES: dict[str, Stage] = {DATA_CARD_STAGE: DATA_CARD, **STAGES}
 
 
 def pipeline(provided: bool) -> list[str]:
     """Return the stages in order for synthetic or provided data."""
-    skip = SYNTHETIC_STAGE if provided else DATA_CARD_STAGE
-    return [name for name in STAGES if name != skip]
+    return [DATA_CARD_STAGE, *list(STAGES)[1:]] if provided else list(STAGES)
 
 
 class StageError(RuntimeError):
@@ -93,9 +92,9 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
     import papermill
     from nbconvert import HTMLExporter
 
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-    stage = STAGES[name]
+    if name not in ALL_STAGES:
+        raise StageError(f"unknown stage {name!r}; stages: {list(ALL_STAGES)}")
+    stage = ALL_STAGES[name]
     params_file = Path(params_file) if params_file is not None else profile_path(profile_name)
     profile = load_params(params_file, data_file)  # fails here, before any work, on a bad profile or dataset
     dataset = profile.dataset

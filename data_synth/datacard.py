@@ -68,6 +68,15 @@ def _median_iqr(values: pd.Series, decimals: int = 0) -> str:
     return f"{q2:,.{decimals}f} [{q1:,.{decimals}f}-{q3:,.{decimals}f}]"
 
 
+def _narrow(cohorts: dict[str, pd.DataFrame], name: str) -> bool:
+    """Return True for a non-integer variable whose interquartile range is under 2 units (shown with a decimal)."""
+    values = pd.concat([c[name] for c in cohorts.values()]).dropna()
+    if values.empty or (values % 1 == 0).all():
+        return False
+    q1, q3 = np.percentile(values, [25, 75])
+    return q3 - q1 < 2
+
+
 def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
     """Return Table 1: each variable by site, n (%) or median [IQR] and % missing.
 
@@ -77,6 +86,7 @@ def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FE
     rows.append(("index stays, n", {s: count_cell(len(c)) for s, c in cohorts.items()}))
     rows.append(("readmitted within 30 days, n (%)",
                  {s: count_percent_cell(int(c[LABEL].sum()), len(c)) for s, c in cohorts.items()}))
+    last_missing = None
     for feature in features:
         if feature.kind == "binary":
             label = f"{feature.name}, n (%)"
@@ -84,12 +94,15 @@ def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FE
                      for s, c in cohorts.items()}
         else:
             label = f"{feature.name}, median [IQR]"
-            decimals = 1 if feature.name in ("potassium",) else 0
+            decimals = 1 if feature.name in ("potassium",) or _narrow(cohorts, feature.name) else 0
             cells = {s: _median_iqr(c[feature.name], decimals) for s, c in cohorts.items()}
         cells = {s: "not recorded" if c[feature.name].isna().all() else cells[s] for s, c in cohorts.items()}
         rows.append((label, cells))
         missing = {s: int(c[feature.name].isna().sum()) for s, c in cohorts.items()}
-        if any(missing.values()):
+        # The 0/1 columns of one categorical variable (ef_HFrEF after ef_HFmrEF) share its missing count: show it once.
+        shown = (feature.name.rsplit("_", 1)[0], tuple(missing.values()))
+        if any(missing.values()) and shown != last_missing:
+            last_missing = shown
             rows.append((f"{feature.name} missing, n (%)",
                          {s: count_percent_cell(missing[s], len(c)) for s, c in cohorts.items()}))
     for score in (s for s in SCORE_COLUMNS if all(s in c for c in cohorts.values())):

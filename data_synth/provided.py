@@ -141,7 +141,8 @@ def site_rows(dataset: Dataset, site: str, tables: dict[Path, pd.DataFrame]) -> 
                            f"{dataset.path.name}; add those sites, or set `site_value:` on the sites they belong to")
     rows = table.loc[values == wanted[site]]
     if rows.empty:
-        raise DatasetError(f"{path.name}: no rows for site {site!r} (column {columns.site!r} = {wanted[site]!r}); "
+        shown = dataset.spec.sites[site].site_value if dataset.spec.sites[site].site_value is not None else site
+        raise DatasetError(f"{path.name}: no rows for site {site!r} (column {columns.site!r} = {shown!r}); "
                            "check `site_value:`")
     return rows
 

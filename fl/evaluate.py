@@ -263,7 +263,8 @@ def not_estimable_reason(y_true: np.ndarray) -> str | None:
     if y.size == 0:
         return "no patients"
     if np.unique(y).size < 2:
-        return f"all {y.size} patients have the same outcome ({'readmitted' if y[0] else 'not readmitted'})"
+        # No count in the reason: it is shown on pages, and a small test split's size is a small cell.
+        return f"every patient here has the same outcome ({'readmitted' if y[0] else 'not readmitted'})"
     return None
 
 

@@ -160,8 +160,14 @@ def collect(build_dir: Path) -> dict:
                                         if o["path"].endswith(("cohort.parquet", "summary.json", "final_model.npz"))]}
                        for s, m in manifests.items()],
         "packages": first["packages"],
-        "experiments": yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"],
+        "experiments": [_renamed(e, STAGES[0], stages[0]) for e in
+                        yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"]],
     }
+
+
+def _renamed(experiment: dict, old: str, new: str) -> dict:
+    """Return an experiment entry with stage `old` called `new` (the data card on provided data)."""
+    return yaml.safe_load(yaml.safe_dump(experiment).replace(old, new))
 
 
 class _KeepOthers(dict):

@@ -15,7 +15,7 @@ import yaml
 
 from compendium.artifacts import replace_folder
 from compendium.params import profile_path
-from compendium.stages import STAGES
+from compendium.stages import ALL_STAGES
 
 REPORT_STAGE = "05_report"
 
@@ -49,12 +49,12 @@ def build_site(profile_dir: Path, profile: str, data: str | None = None) -> Path
             ],
             "Rendered notebooks": [
                 _link(f"../notebooks/{name}.html", f"{name}: {stage.title}")
-                for name, stage in STAGES.items() if (profile_dir / "notebooks" / f"{name}.html").is_file()
+                for name, stage in ALL_STAGES.items() if (profile_dir / "notebooks" / f"{name}.html").is_file()
             ],
             "Data card": [_link(f"../notebooks/{card}.html", "Data card (stage 1 notebook)")],
             "Parameters and provenance": [_link("parameters.yaml", f"Parameters: params/{profile}.yaml")] + [
                 _link(f"../{name}/manifest.json", f"Manifest of {name}")
-                for name in STAGES if (profile_dir / name / "manifest.json").is_file()
+                for name in ALL_STAGES if (profile_dir / name / "manifest.json").is_file()
             ],
         }
         created = json.loads((report / "manifest.json").read_text())["created_utc"] if (

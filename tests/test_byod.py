@@ -76,11 +76,11 @@ def _build(tmp_path, path: str):
 
 
 # ---------------------------------------------------------------- the dataset YAML
-def test_example_dataset_is_valid_and_names_three_sites():
-    profile = load_params(PARAMS_DIR / "smoke.yaml", "examples/byod/three-hospitals.yaml")
-    assert profile.sites == ("varberg", "molndal", "vaxjo")
-    assert profile.data == "examples/byod/three-hospitals.yaml"
-    assert build_name("smoke", profile.data) == "smoke-three-hospitals"
+def test_example_dataset_is_valid_and_names_its_four_sites():
+    profile = load_params(PARAMS_DIR / "smoke.yaml", "examples/byod/four-sites.yaml")
+    assert profile.sites == ("varberg", "molndal", "vaxjo", "ljungby")
+    assert profile.data == "examples/byod/four-sites.yaml"
+    assert build_name("smoke", profile.data) == "smoke-four-sites"
     assert load_params(PARAMS_DIR / "smoke.yaml").sites == ("halland", "sahlgrenska")
 
 
@@ -236,13 +236,13 @@ def test_make_runs_the_data_card_on_provided_data_in_its_own_build_folder(tmp_pa
         return subprocess.run(["make", "--no-print-directory", "-n", *args, f"BUILD_ROOT={tmp_path}"], cwd=REPO,
                               capture_output=True, text=True)
 
-    planned = make("all", "PROFILE=smoke", "DATA=examples/byod/three-hospitals.yaml")
+    planned = make("all", "PROFILE=smoke", "DATA=examples/byod/four-sites.yaml")
     assert planned.returncode == 0, planned.stderr
     runs = [line for line in planned.stdout.splitlines() if "-m compendium run" in line]
     assert [line.split()[4] for line in runs] == ["01_data_card", "02_local_baselines", "03_federated_training",
                                                   "04_privacy_evaluation", "05_report"]
-    assert all(line.endswith("--data examples/byod/three-hospitals.yaml") for line in runs)
-    assert f"{tmp_path}/smoke-three-hospitals/site/index.html" in planned.stdout
+    assert all(line.endswith("--data examples/byod/four-sites.yaml") for line in runs)
+    assert f"{tmp_path}/smoke-four-sites/site/index.html" in planned.stdout
     missing = make("all", "PROFILE=smoke", "DATA=examples/byod/absent.yaml")
     assert missing.returncode != 0 and "DATA=examples/byod/absent.yaml: no such dataset YAML" in missing.stderr
     assert "01_synthetic_ehr" in make("stage1", "PROFILE=smoke").stdout

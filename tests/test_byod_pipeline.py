@@ -1,7 +1,9 @@
-"""The worked bring-your-own-data example end to end (smoke settings): examples/byod/three-hospitals.yaml.
+"""The worked bring-your-own-data example end to end (smoke settings): examples/byod/four-sites.yaml.
 
-Three hospitals in one flat CSV, one of them small (tens of patients) and
-without NT-proBNP; stages 1 (data card) to 5 (report) and the reviewer site.
+Three hospitals and a very small unit in one flat CSV: one hospital small
+(tens of patients) and without NT-proBNP, the unit with no readmitted
+patient (a single-class site); stages 1 (data card) to 5 (report) and the
+reviewer site.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from report.leakscan import scan_tree
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "byod"
-DATA = EXAMPLE / "three-hospitals.yaml"
-SITES = ("varberg", "molndal", "vaxjo")
+DATA = EXAMPLE / "four-sites.yaml"
+SITES = ("varberg", "molndal", "vaxjo", "ljungby")
+TWO_CLASS = SITES[:3]
 STAGES = ("01_data_card", "02_local_baselines", "03_federated_training", "04_privacy_evaluation", "05_report")
 pytestmark = pytest.mark.integration
 
@@ -34,9 +37,9 @@ def example_run(tmp_path_factory):
         run_stage(stage, "smoke", build_root=root, progress=False, data_file=DATA)
     from report.site import build_site
 
-    build_site(root / "smoke-three-hospitals", "smoke", "examples/byod/three-hospitals.yaml")
+    build_site(root / "smoke-four-sites", "smoke", "examples/byod/four-sites.yaml")
     print(f"worked example end to end: {time.perf_counter() - started:.1f} s")
-    return root / "smoke-three-hospitals"
+    return root / "smoke-four-sites"
 
 
 def _summary(build: Path, stage: str) -> dict:
@@ -48,16 +51,17 @@ def test_example_builds_apart_from_synthetic_runs_and_records_the_data(example_r
     assert sorted(p.name for p in build.iterdir() if not p.name.startswith(".")) == [
         *STAGES[:4], "05_report", "notebooks", "site"]
     card = _summary(build, "01_data_card")
-    assert card["data"] == {"kind": "provided", "name": "three-hospitals", "source": "flat",
-                            "file": "three-hospitals.yaml", "description": card["data"]["description"]}
+    assert card["data"] == {"kind": "provided", "name": "four-sites", "source": "flat",
+                            "file": "four-sites.yaml", "description": card["data"]["description"]}
     assert set(card["sites"]) == set(SITES)
     assert card["sites"]["vaxjo"]["index_admissions"] < 100 and card["sites"]["vaxjo"]["lacks"] == ["ntprobnp"]
+    assert card["sites"]["ljungby"]["outcome_classes"] == 1 and card["sites"]["ljungby"]["readmitted_30d"] == 0
     assert "ntprobnp" in card["missing_indicators"]
     for stage in STAGES:
         manifest = json.loads((build / stage / "manifest.json").read_text())
-        assert manifest["parameters"]["data"] == "examples/byod/three-hospitals.yaml"
+        assert manifest["parameters"]["data"] == "examples/byod/four-sites.yaml"
         inputs = {r["path"]: r["sha256"] for r in manifest["inputs"]}
-        assert inputs["examples/byod/three-hospitals.yaml"] == sha256(DATA)
+        assert inputs["examples/byod/four-sites.yaml"] == sha256(DATA)
     inputs = {r["path"]: r["sha256"] for r in json.loads((build / "01_data_card" / "manifest.json").read_text())["inputs"]}
     assert inputs["examples/byod/hospitals.csv"] == sha256(EXAMPLE / "hospitals.csv")
 
@@ -66,35 +70,46 @@ def test_local_pooled_and_federated_results_per_site(example_run):
     base = _summary(example_run, "02_local_baselines")
     assert "oracle" not in base["auroc"] and "lace" not in base["auroc"]
     assert base["references"] == {"oracle": False, "lace": False}
-    for model in ("pooled", "gbt", *(f"local_{s}" for s in SITES)):
-        for site in SITES:
+    for model in ("pooled", "gbt", *(f"local_{s}" for s in TWO_CLASS)):
+        for site in TWO_CLASS:
             auroc = base["auroc"][model][site]
             assert auroc["lower"] <= auroc["value"] <= auroc["upper"], (model, site)
-    assert set(base["checks"]) == set(SITES)
+        # Ljungby's test split has one outcome class: every model's AUROC there is not estimable, with the reason.
+        assert base["auroc"][model]["ljungby"] is None
+        assert "same outcome (not readmitted)" in base["not_estimable"][model]["ljungby"]
+    # Ljungby's own model cannot be fitted; it is reported, with the reason, on every site.
+    assert "local_ljungby" not in base["auroc"] and "local_ljungby" not in base["train_rows"]
+    assert set(base["not_estimable"]["local_ljungby"]) == set(SITES)
+    assert "every training patient at ljungby has the same outcome" in base["not_estimable"]["local_ljungby"]["molndal"]
+    assert base["checks"]["ljungby"] == {"pooled_not_worse": None}
     assert all(set(c) == {"pooled_not_worse"} for c in base["checks"].values())
-    assert base["size_sweep"]["site"] == "vaxjo"  # the smallest hospital
+    assert base["size_sweep"]["site"] == "vaxjo"  # the smallest hospital with both outcomes
     fed = _summary(example_run, "03_federated_training")
     for strategy in fed["strategies"]:
-        for site in SITES:
+        for site in TWO_CLASS:
             assert 0.5 < fed["auroc"][strategy][site]["value"] <= 1.0
+        assert fed["auroc"][strategy]["ljungby"] is None
+        for site in SITES:  # the single-class unit still trains in the federation
             assert fed["bytes_exchanged_per_site"][strategy][site] > 0
+            assert fed["messages_per_site"][strategy][site] == 2 * (fed["rounds"] * 2 + 1)
     privacy = _summary(example_run, "04_privacy_evaluation")
     positions = {a["position"] for a in privacy["attacks"]}
     assert "C: server, site update" in positions and "A/B: released model (scores or weights)" in positions
-    assert not any(p.startswith("D:") for p in positions)  # three sites: no partner to subtract
+    assert not any(p.startswith("D:") for p in positions)  # four sites: no single partner to subtract
     assert privacy["partner_recovery_max_error"] is None
 
 
 def test_report_says_which_data_and_drops_synthetic_claims(example_run):
     for name in ("pilot_report.html", "pilot_report.sv.html"):
         html = (example_run / "05_report" / name).read_text()
-        assert "three-hospitals" in html
+        assert "four-sites" in html
         for site in SITES:
             assert f"<td>{site}</td>" in html
         assert "oracle AUROC" not in html and "orakel-AUROC" not in html
         assert "The data are synthetic" not in html and "Uppgifterna är syntetiska" not in html
     html = (example_run / "05_report" / "pilot_report.html").read_text()
     assert "no oracle" in html
+    assert "<td>local_ljungby</td><td>not estimable: every training patient at ljungby" in html
     assert "Provided data" in (example_run / "site" / "index.html").read_text()
     assert scan_tree(example_run) == []
 

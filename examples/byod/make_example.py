@@ -1,11 +1,14 @@
-"""Write the worked bring-your-own-data example: one flat CSV with three hospitals.
+"""Write the worked bring-your-own-data example: one flat CSV with four hospitals.
 
 The rows come from the synthetic generator and cohort builder, then are
 dressed as a typical hospital export: other column names, text codes for
 sex and the outcome, ejection fraction as a category, a patient reference
-with a few repeated rows (de-duplicated by the pipeline), and a third,
-small hospital that does not measure NT-proBNP. It is not the OMOP path:
-the pipeline reads only this CSV and dataset.yaml.
+with a few repeated rows (de-duplicated by the pipeline), a small hospital
+that does not measure NT-proBNP (Vaxjo), and a very small unit none of whose
+exported patients was readmitted (Ljungby: the script keeps only its
+non-readmitted rows, to show a single-class site, which real multi-site data
+have). It is not the OMOP path: the pipeline reads only this CSV and
+four-sites.yaml.
 
     .venv/bin/python examples/byod/make_example.py            # rewrites examples/byod/hospitals.csv
     .venv/bin/python examples/byod/make_example.py --out /tmp/x.csv
@@ -31,9 +34,12 @@ from data_synth.sites import site_profile  # noqa: E402
 
 SEED = 20240601
 #: (hospital label in the CSV, synthetic template, patients generated, site code)
-HOSPITALS = (("Varberg", "halland", 800, 11), ("Molndal", "sahlgrenska", 1300, 12), ("Vaxjo", "halland", 60, 13))
+HOSPITALS = (("Varberg", "halland", 800, 11), ("Molndal", "sahlgrenska", 1300, 12), ("Vaxjo", "halland", 60, 13),
+             ("Ljungby", "sahlgrenska", 50, 14))
 #: The small hospital does not measure NT-proBNP (the dataset YAML says `lacks: [ntprobnp]`).
 NO_NT_PROBNP = "Vaxjo"
+#: The very small unit whose exported patients have one outcome class (no readmission).
+SINGLE_CLASS = "Ljungby"
 RENAMED = {
     "age": "age_years", "los_days": "length_of_stay", "prior_admissions_365d": "admissions_prev_year",
     "ed_visits_180d": "ed_visits_6m", "hypertension": "dx_hypertension", "atrial_fibrillation": "dx_afib",
@@ -71,6 +77,8 @@ def hospital_rows(label: str, template: str, patients: int, code: int, work: Pat
     out["readmit_30"] = np.where(cohort[LABEL] == 1, "yes", "no")
     if label == NO_NT_PROBNP:
         out["ntprobnp"] = np.nan
+    if label == SINGLE_CLASS:
+        out = out.loc[out["readmit_30"] == "no"].reset_index(drop=True)
     repeats = out.iloc[rng.choice(len(out), REPEATED_ROWS, replace=False)]
     return pd.concat([out, repeats], ignore_index=True)
 
