@@ -13,7 +13,9 @@ BUILD_ROOT ?= build
 DATA ?=
 BUILD := $(BUILD_ROOT)/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA))))
 DATA_ARG := $(if $(DATA),--data $(DATA))
-STAGE1_NAME := $(if $(DATA),01_data_card,01_synthetic_ehr)
+# A profile may name its dataset itself (`data: path/to/dataset.yaml`); then it builds under build/PROFILE/.
+PROFILE_DATA := $(if $(DATA),,$(shell sed -n 's/^data:[[:space:]]*\([^[:space:]#]*\).*/\1/p' params/$(PROFILE).yaml 2>/dev/null))
+STAGE1_NAME := $(if $(DATA)$(PROFILE_DATA),01_data_card,01_synthetic_ehr)
 PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
 
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
@@ -23,8 +25,10 @@ ifneq ($(DATA),)
 ifeq ($(wildcard $(DATA)),)
 $(error DATA=$(DATA): no such dataset YAML; see docs/bring_your_own_data.md)
 endif
-# The tables the dataset YAML names: a changed table reruns the data card and everything after it.
-DATA_FILES := $(shell test -x $(VENV)/bin/python && $(VENV)/bin/python -m compendium data-files $(DATA) 2>/dev/null)
+endif
+ifneq ($(DATA)$(PROFILE_DATA),)
+# The dataset YAML and the tables it names: a change reruns the data card and everything after it.
+DATA_FILES := $(DATA)$(PROFILE_DATA) $(shell test -x $(VENV)/bin/python && $(VENV)/bin/python -m compendium data-files $(DATA)$(PROFILE_DATA) 2>/dev/null)
 endif
 
 export PYTHONHASHSEED := 0
@@ -53,7 +57,7 @@ smoke: ## the whole pipeline with the small smoke profile
 
 stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort (with DATA: the provided data's data card)
 
-$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/$(STAGE1_NAME).ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC) $(if $(DATA),$(DATA) $(DATA_FILES) $(FL_SRC))
+$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/$(STAGE1_NAME).ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC) $(if $(DATA_FILES),$(DATA_FILES) $(FL_SRC))
 	$(PY) -m compendium run $(STAGE1_NAME) --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 stage2: $(STAGE2) ## stage 2: local baselines, pooled model, references

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from compendium.disclosure import MIN_CELL, count_cell, count_percent_cell, is_small
+from compendium.disclosure import MIN_CELL, SUPPRESSED, count_cell, count_percent_cell, is_small
 from data_synth.cohort import FEATURES, LABEL, SCORE_COLUMNS, Attrition, Feature
 
 ATTRITION_STEPS = {
@@ -77,10 +77,15 @@ def _narrow(cohorts: dict[str, pd.DataFrame], name: str) -> bool:
     return q3 - q1 < 2
 
 
-def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
+def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES,
+              groups: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Return Table 1: each variable by site, n (%) or median [IQR] and % missing.
 
     A variable a site does not record at all reads "not recorded" there.
+    `groups` names the 0/1 columns of each categorical variable (its levels
+    after the reference): where the reference level's count, which a reader
+    could get by subtraction, is under 5, the variable's cells at that site
+    are suppressed too.
     """
     rows = []
     rows.append(("index stays, n", {s: count_cell(len(c)) for s, c in cohorts.items()}))
@@ -108,7 +113,14 @@ def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FE
     for score in (s for s in SCORE_COLUMNS if all(s in c for c in cohorts.values())):
         rows.append((f"{score} (not a model input), median [IQR]",
                      {s: _median_iqr(c[score]) for s, c in cohorts.items()}))
-    return pd.DataFrame({label: cells for label, cells in rows}).T
+    table = pd.DataFrame({label: cells for label, cells in rows}).T
+    for columns in (groups or {}).values():
+        for site, c in cohorts.items():
+            observed = c[columns[0]].notna()
+            reference = int(observed.sum() - c.loc[observed, columns].sum().sum())
+            if is_small(reference):
+                table.loc[[f"{name}, n (%)" for name in columns], site] = SUPPRESSED
+    return table
 
 
 def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -362,6 +362,14 @@ def distribution_features(dataset: Dataset, limit: int = 4) -> list[str]:
     return [name for _, name in sorted(numeric, key=lambda t: t[0])][:limit]
 
 
+def categorical_groups(dataset: Dataset) -> dict[str, list[str]]:
+    """Return each categorical feature's model columns (its levels after the reference)."""
+    if dataset.kind == "omop":
+        return {}
+    return {name: [level_column(name, level) for level in spec.levels[1:]]
+            for name, spec in dataset.spec.columns.features.items() if spec.type == "categorical"}
+
+
 def variables(dataset: Dataset) -> list[Feature]:
     """Return the model variables with their source and reason (the data card's variables table)."""
     return list(FEATURES) if dataset.kind == "omop" else model_features(dataset)

@@ -32,7 +32,8 @@ def build_site(profile_dir: Path, profile: str, data: str | None = None) -> Path
     profile_dir = Path(profile_dir)
     card = "01_data_card" if (profile_dir / "01_data_card").is_dir() else "01_synthetic_ehr"
     make = f"make all PROFILE={profile}" + (f" DATA={data}" if data else "")
-    data_note = (f"Provided data ({html.escape(str(data))}); everything here was produced by" if card == "01_data_card"
+    data_note = (f"Provided data{f' ({html.escape(str(data))})' if data else ''}; everything here was produced by"
+                 if card == "01_data_card"
                  else "Synthetic data only; everything here was produced by")
     report = profile_dir / REPORT_STAGE
     if not (report / "pilot_report.html").is_file():

@@ -279,3 +279,19 @@ def test_omop_sites_go_through_the_cohort_builder_without_identifiers(tmp_path):
     (tmp_path / "pair.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(DatasetError, match="OMOP sites use the cohort builder's variables; remove `columns:`"):
         load_dataset(tmp_path / "pair.yaml")
+
+
+def test_table_one_hides_a_categorical_reference_level_recoverable_by_subtraction():
+    from data_synth.cohort import Feature
+    from data_synth.datacard import table_one
+
+    # 40 patients: 3 in the reference level (I), 20 in II, 17 in III; I = 40 - 20 - 17 would leak.
+    site = pd.DataFrame({"nyha_II": [1.0] * 20 + [0.0] * 20, "nyha_III": [0.0] * 20 + [1.0] * 17 + [0.0] * 3,
+                         "readmitted_30d": [0, 1] * 20})
+    other = pd.DataFrame({"nyha_II": [1.0] * 20 + [0.0] * 20, "nyha_III": [0.0] * 20 + [1.0] * 10 + [0.0] * 10,
+                          "readmitted_30d": [0, 1] * 20})
+    features = [Feature("nyha_II", "binary", "", ""), Feature("nyha_III", "binary", "", "")]
+    table = table_one({"a": site, "b": other}, features, {"nyha": ["nyha_II", "nyha_III"]})
+    assert table.loc["nyha_II, n (%)", "a"] == "<5" and table.loc["nyha_III, n (%)", "a"] == "<5"
+    assert table.loc["nyha_II, n (%)", "b"] == "20 (50.0%)" and table.loc["nyha_III, n (%)", "b"] == "10 (25.0%)"
+    assert table_one({"a": site}, features).loc["nyha_III, n (%)", "a"] == "17 (42.5%)"  # without groups: shown
