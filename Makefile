@@ -1,6 +1,8 @@
 # The compendium's entry points. `make help` lists them.
 # Every stage runs its notebook with papermill for PROFILE (params/PROFILE.yaml)
 # and writes build/PROFILE/<stage>/; stages whose inputs did not change are skipped.
+# DATA=path/to/dataset.yaml runs on provided data instead (docs/bring_your_own_data.md):
+# stage 1 becomes its data card and everything goes to build/PROFILE-<dataset file stem>/.
 
 PROFILE ?= default
 PYTHON_BOOT ?= python3
@@ -8,11 +10,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD_ROOT ?= build
-BUILD := $(BUILD_ROOT)/$(PROFILE)
+DATA ?=
+BUILD := $(BUILD_ROOT)/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA))))
+DATA_ARG := $(if $(DATA),--data $(DATA))
+# A profile may name its dataset itself (`data: path/to/dataset.yaml`); then it builds under build/PROFILE/.
+PROFILE_DATA := $(if $(DATA),,$(shell sed -n 's/^data:[[:space:]]*\([^[:space:]#]*\).*/\1/p' params/$(PROFILE).yaml 2>/dev/null))
+STAGE1_NAME := $(if $(DATA)$(PROFILE_DATA),01_data_card,01_synthetic_ehr)
 PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
 
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error PROFILE=$(PROFILE) has no params/$(PROFILE).yaml; profiles: $(PROFILES))
+endif
+ifneq ($(DATA),)
+ifeq ($(wildcard $(DATA)),)
+$(error DATA=$(DATA): no such dataset YAML; see docs/bring_your_own_data.md)
+endif
+endif
+ifneq ($(DATA)$(PROFILE_DATA),)
+# The dataset YAML and the tables it names: a change reruns the data card and everything after it.
+DATA_FILES := $(DATA)$(PROFILE_DATA) $(shell test -x $(VENV)/bin/python && $(VENV)/bin/python -m compendium data-files $(DATA)$(PROFILE_DATA) 2>/dev/null)
 endif
 
 export PYTHONHASHSEED := 0
@@ -23,7 +39,7 @@ COMPENDIUM_SRC := $(shell find compendium -name '*.py' 2>/dev/null)
 SYNTH_SRC := $(shell find data_synth -name '*.py' 2>/dev/null)
 FL_SRC := $(shell find fl -name '*.py' 2>/dev/null)
 
-STAGE1 := $(BUILD)/01_synthetic_ehr/manifest.json
+STAGE1 := $(BUILD)/$(STAGE1_NAME)/manifest.json
 STAGE2 := $(BUILD)/02_local_baselines/manifest.json
 STAGE3 := $(BUILD)/03_federated_training/manifest.json
 STAGE4 := $(BUILD)/04_privacy_evaluation/manifest.json
@@ -39,20 +55,20 @@ all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (de
 smoke: ## the whole pipeline with the small smoke profile
 	@$(MAKE) --no-print-directory all PROFILE=smoke
 
-stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort
+stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort (with DATA: the provided data's data card)
 
-$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/01_synthetic_ehr.ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC)
-	$(PY) -m compendium run 01_synthetic_ehr --profile $(PROFILE) --build-root $(BUILD_ROOT)
+$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/$(STAGE1_NAME).ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC) $(if $(DATA_FILES),$(DATA_FILES) $(FL_SRC))
+	$(PY) -m compendium run $(STAGE1_NAME) --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 stage2: $(STAGE2) ## stage 2: local baselines, pooled model, references
 
 $(STAGE2): $(STAGE1) notebooks/02_local_baselines.ipynb $(FL_SRC)
-	$(PY) -m compendium run 02_local_baselines --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m compendium run 02_local_baselines --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 stage3: $(STAGE3) ## stage 3: federated training with Flower, message ledger
 
 $(STAGE3): $(STAGE2) notebooks/03_federated_training.ipynb $(FL_SRC)
-	$(PY) -m compendium run 03_federated_training --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m compendium run 03_federated_training --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 RESUME ?=
 STRATEGY ?= fedavg
@@ -63,12 +79,12 @@ federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: Sup
 stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks on updates)
 
 $(STAGE4): $(STAGE3) notebooks/04_privacy_evaluation.ipynb $(FL_SRC)
-	$(PY) -m compendium run 04_privacy_evaluation --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m compendium run 04_privacy_evaluation --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 report: $(SITE) ## stage 5: the pilot report (HTML, PDF, en + sv) and the reviewer site
 
 $(STAGE5): $(STAGE4) notebooks/05_report.ipynb $(REPORT_SRC) | chromium
-	$(PY) -m compendium run 05_report --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m compendium run 05_report --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 chromium: ## make sure headless Chromium is there for the PDF (installs Debian's package as root)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -80,17 +96,17 @@ chromium: ## make sure headless Chromium is there for the PDF (installs Debian's
 	  fi; }
 
 $(SITE): $(STAGE5)
-	$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 scan: $(SITE) ## leak scan of every rendered page and PDF (fails on a finding)
-	$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT)
+	$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel ("fedhf")
 	$(PY) -m ipykernel install --sys-prefix --name fedhf --display-name "Python (fedhf compendium)" >/dev/null
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
-	$(PY) -m compendium check-params $(PROFILE)
+	$(PY) -m compendium check-params $(PROFILE) $(DATA_ARG)
 
 venv: $(STAMP) ## create .venv from requirements.lock (done automatically by other targets)
 
@@ -122,4 +138,4 @@ clean: ## remove build/PROFILE (keeps .venv)
 
 help: ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=$(PROFILES) (default: default)"
+	@echo "  variables: PROFILE=$(PROFILES) (default: default); DATA=path/to/dataset.yaml (provided data)"

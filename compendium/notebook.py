@@ -38,12 +38,13 @@ class StageContext:
         return artifacts.write_json(self.output_dir / "summary.json", summary)
 
 
-def setup(params_path: str, output_dir: str, build_dir: str | None = None) -> StageContext:
-    """Return the stage context: cwd at the repo root, profile validated, output folder ready."""
+def setup(params_path: str, output_dir: str, build_dir: str | None = None, data_path: str = "") -> StageContext:
+    """Return the stage context: cwd at the repo root, profile validated (on the provided dataset
+    `data_path` if given), output folder ready."""
     import seaborn as sns
 
     os.chdir(REPO_ROOT)
-    profile = load_params(params_path)
+    profile = load_params(params_path, data_path or None)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")

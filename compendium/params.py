@@ -130,6 +130,18 @@ class Profile(_Strict):
     baselines: BaselineParams = BaselineParams()
     federated: FederatedParams = FederatedParams()
     privacy: PrivacyParams = PrivacyParams()
+    #: A provided dataset (dataset YAML, relative to the repository root): stages 2-5 run on it, and stage 1
+    #: becomes its data card. `python -m compendium run --data` and `make all DATA=...` set it too.
+    data: str | None = None
+
+    @property
+    def dataset(self):
+        """Return the provided Dataset, or None for the synthetic data."""
+        if self.data is None:
+            return None
+        from data_synth.dataset import load_dataset
+
+        return load_dataset(_resolve(self.data))
 
     def site_profiles(self) -> dict[str, SiteProfile]:
         """Return each synthetic site's full, validated profile."""
@@ -140,7 +152,14 @@ class Profile(_Strict):
 
     @property
     def sites(self) -> tuple[str, ...]:
-        return tuple(self.synthetic.sites)
+        """Return the site names: the provided dataset's, else the synthetic generator's."""
+        dataset = self.dataset
+        return dataset.sites if dataset is not None else tuple(self.synthetic.sites)
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def _format_errors(error: ValidationError, prefix: str = "") -> list[str]:
@@ -183,24 +202,54 @@ def validate_profile(data: Any, source: str) -> Profile:
         problems.append("synthetic.sites: two sites share a site_code; give each a distinct overrides.site_code")
     if problems:
         raise ParamsError(f"{source}: " + f"\n{source}: ".join(problems))
+    _check_dataset(profile, source)
     return profile
 
 
-def load_params(path: str | Path) -> Profile:
-    """Return the validated profile in `path` (a YAML file)."""
+def _check_dataset(profile: Profile, source: str) -> None:
+    """Raise ParamsError unless the profile's provided dataset (if any) is a valid dataset YAML."""
+    from data_synth.dataset import DatasetError
+
+    try:
+        profile.dataset
+    except DatasetError as error:
+        raise ParamsError(f"{source}: data: {error}") from None
+
+
+def with_data(profile: Profile, data: str | Path | None, source: str = "--data") -> Profile:
+    """Return the profile running on the provided dataset at `data` (unchanged if None)."""
+    if data is None or str(data) == "":
+        return profile
+    from compendium.artifacts import relative
+
+    changed = profile.model_copy(update={"data": relative(_resolve(data))})
+    _check_dataset(changed, source)
+    return changed
+
+
+def build_name(profile: str, data: str | Path | None) -> str:
+    """Return the build folder name: <profile>, or <profile>-<dataset file stem> for a provided dataset.
+
+    Synthetic and provided builds never share a folder.
+    """
+    return profile if not data else f"{profile}-{Path(data).stem}"
+
+
+def load_params(path: str | Path, data: str | Path | None = None) -> Profile:
+    """Return the validated profile in `path` (a YAML file), on the provided dataset `data` if given."""
     path = Path(path)
     shown = _shown(path)
     if not path.is_file():
         available = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
         raise ParamsError(f"{shown}: no such parameter file; profiles in params/: {available}")
     try:
-        data = yaml.safe_load(path.read_text())
+        parsed = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ParamsError(f"{shown}: not valid YAML ({error})") from None
-    profile = validate_profile(data, shown)
+    profile = validate_profile(parsed, shown)
     if profile.profile != path.stem:
         raise ParamsError(f"{shown}: profile: must equal the file name {path.stem!r} (got {profile.profile!r})")
-    return profile
+    return with_data(profile, data)
 
 
 def profile_path(name: str) -> Path:

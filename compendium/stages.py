@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compendium import artifacts
-from compendium.params import REPO_ROOT, load_params, profile_path
+from compendium.params import REPO_ROOT, build_name, load_params, profile_path
 
 BUILD_ROOT = REPO_ROOT / "build"
 MANIFEST = "manifest.json"
@@ -52,6 +52,16 @@ STAGES: dict[str, Stage] = {
               upstream=("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")),
     )
 }
+#: Stage 1 is the synthetic generator, or, on a provided dataset, its data card; later stages read either.
+SYNTHETIC_STAGE, DATA_CARD_STAGE = "01_synthetic_ehr", "01_data_card"
+DATA_CARD = Stage(DATA_CARD_STAGE, "Data card of the provided data", ("data_synth", "fl", "compendium"))
+#: Every stage that can run: the synthetic pipeline (STAGES) and the data card.
+ALL_STAGES: dict[str, Stage] = {DATA_CARD_STAGE: DATA_CARD, **STAGES}
+
+
+def pipeline(provided: bool) -> list[str]:
+    """Return the stages in order for synthetic or provided data."""
+    return [DATA_CARD_STAGE, *list(STAGES)[1:]] if provided else list(STAGES)
 
 
 class StageError(RuntimeError):
@@ -71,28 +81,40 @@ def source_files(stage: Stage) -> list[Path]:
 
 
 def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progress: bool = True,
-              params_file: Path | None = None) -> Path:
+              params_file: Path | None = None, data_file: Path | None = None) -> Path:
     """Run one stage for a profile and return its artifact folder.
 
     `params_file` defaults to params/<profile_name>.yaml; tests point it elsewhere.
+    `data_file` (a dataset YAML) runs the stage on provided data; the build
+    folder is then build/<profile>-<dataset file stem>/.
     """
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-    stage = STAGES[name]
+    if name not in ALL_STAGES:
+        raise StageError(f"unknown stage {name!r}; stages: {list(ALL_STAGES)}")
+    stage = ALL_STAGES[name]
     params_file = Path(params_file) if params_file is not None else profile_path(profile_name)
-    profile = load_params(params_file)  # fails here, before any work, on a bad profile
-    profile_root = Path(build_root) / profile_name
+    profile = load_params(params_file, data_file)  # fails here, before any work, on a bad profile or dataset
+    dataset = profile.dataset
+    if name not in pipeline(dataset is not None):
+        raise StageError(f"stage {name} is not part of the pipeline on {'provided' if dataset else 'synthetic'} data; "
+                         f"stages: {pipeline(dataset is not None)}")
+    folder_name = build_name(profile_name, data_file)
+    profile_root = Path(build_root) / folder_name
+    make_hint = f"make all PROFILE={profile_name}" + (f" DATA={artifacts.relative(Path(data_file))}" if data_file else "")
     upstream_inputs = []
     for upstream in stage.upstream:
+        upstream = DATA_CARD_STAGE if dataset is not None and upstream == SYNTHETIC_STAGE else upstream
         folder = profile_root / upstream
         if not (folder / MANIFEST).is_file():
             raise StageError(f"stage {name} needs {upstream} first: {artifacts.relative(folder)} has no "
-                             f"{MANIFEST}; run `make all PROFILE={profile_name}`")
+                             f"{MANIFEST}; run `{make_hint}`")
         upstream_inputs.extend(artifacts.files_under(folder))
+    dataset_inputs = []
+    if dataset is not None:
+        dataset_inputs = [dataset.path, *(dataset.input_files() if name == DATA_CARD_STAGE else [])]
 
     profile_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=profile_root))
@@ -104,7 +126,7 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
             papermill.execute_notebook(
                 str(stage.notebook), str(executed_path),
                 parameters={"params_path": artifacts.relative(params_file), "output_dir": str(staging),
-                            "build_dir": str(profile_root)},
+                            "build_dir": str(profile_root), "data_path": profile.data or ""},
                 cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3", log_output=False,
             )
         except papermill.PapermillExecutionError as error:
@@ -121,7 +143,7 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
         record = artifacts.manifest(
             stage=name, profile=profile_name, seed=profile.seed,
             parameters=profile.model_dump(mode="json"),
-            inputs=artifacts.file_records([params_file, *source_files(stage), *upstream_inputs]),
+            inputs=artifacts.file_records([params_file, *dataset_inputs, *source_files(stage), *upstream_inputs]),
             outputs=artifacts.file_records(outputs, root=staging),
             wall_seconds=wall,
         )
@@ -133,8 +155,8 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
         notebooks_dir.mkdir(parents=True, exist_ok=True)
         artifacts.atomic_write(notebooks_dir / f"{name}.ipynb", lambda tmp: nbformat.write(notebook, tmp))
         artifacts.atomic_write(notebooks_dir / f"{name}.html", lambda tmp: tmp.write_text(html))
-        artifacts.replace_folder(staging, stage_dir(profile_name, name, build_root))
+        artifacts.replace_folder(staging, stage_dir(folder_name, name, build_root))
         (profile_root / "logs" / f"{name}.failed.ipynb").unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return stage_dir(profile_name, name, build_root)
+    return stage_dir(folder_name, name, build_root)

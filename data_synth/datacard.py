@@ -6,6 +6,7 @@ Plots draw from these aggregates, not from raw rows.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from compendium.disclosure import MIN_CELL, count_cell, count_percent_cell, is_small
-from data_synth.cohort import FEATURES, LABEL, SCORE_COLUMNS, Attrition
+from compendium.disclosure import MIN_CELL, SUPPRESSED, count_cell, count_percent_cell, is_small
+from data_synth.cohort import FEATURES, LABEL, SCORE_COLUMNS, Attrition, Feature
 
 ATTRITION_STEPS = {
     "persons": "persons in the OMOP extract",
@@ -50,13 +51,13 @@ PUBLISHED_ANCHORS: dict[str, tuple[str, str]] = {
 }
 
 
-def attrition_table(attrition: dict[str, Attrition]) -> pd.DataFrame:
+def attrition_table(attrition: dict[str, Attrition | dict], steps: dict[str, str] = ATTRITION_STEPS) -> pd.DataFrame:
     """Return the attrition steps (rows) by site (columns), small counts suppressed."""
     rows = {}
     for site, counts in attrition.items():
-        values = asdict(counts)
-        rows[site] = [count_cell(values[step]) for step in ATTRITION_STEPS]
-    return pd.DataFrame(rows, index=list(ATTRITION_STEPS.values()))
+        values = counts if isinstance(counts, dict) else asdict(counts)
+        rows[site] = [count_cell(values[step]) for step in steps]
+    return pd.DataFrame(rows, index=list(steps.values()))
 
 
 def _median_iqr(values: pd.Series, decimals: int = 0) -> str:
@@ -67,29 +68,59 @@ def _median_iqr(values: pd.Series, decimals: int = 0) -> str:
     return f"{q2:,.{decimals}f} [{q1:,.{decimals}f}-{q3:,.{decimals}f}]"
 
 
-def table_one(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Return Table 1: each variable by site, n (%) or median [IQR] and % missing."""
+def _narrow(cohorts: dict[str, pd.DataFrame], name: str) -> bool:
+    """Return True for a non-integer variable whose interquartile range is under 2 units (shown with a decimal)."""
+    values = pd.concat([c[name] for c in cohorts.values()]).dropna()
+    if values.empty or (values % 1 == 0).all():
+        return False
+    q1, q3 = np.percentile(values, [25, 75])
+    return q3 - q1 < 2
+
+
+def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES,
+              groups: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Return Table 1: each variable by site, n (%) or median [IQR] and % missing.
+
+    A variable a site does not record at all reads "not recorded" there.
+    `groups` names the 0/1 columns of each categorical variable (its levels
+    after the reference): where the reference level's count, which a reader
+    could get by subtraction, is under 5, the variable's cells at that site
+    are suppressed too.
+    """
     rows = []
     rows.append(("index stays, n", {s: count_cell(len(c)) for s, c in cohorts.items()}))
     rows.append(("readmitted within 30 days, n (%)",
                  {s: count_percent_cell(int(c[LABEL].sum()), len(c)) for s, c in cohorts.items()}))
-    for feature in FEATURES:
+    last_missing = None
+    for feature in features:
         if feature.kind == "binary":
             label = f"{feature.name}, n (%)"
-            cells = {s: count_percent_cell(int(c[feature.name].sum()), len(c)) for s, c in cohorts.items()}
+            cells = {s: count_percent_cell(int(c[feature.name].sum()), int(c[feature.name].notna().sum()))
+                     for s, c in cohorts.items()}
         else:
             label = f"{feature.name}, median [IQR]"
-            decimals = 1 if feature.name in ("potassium",) else 0
+            decimals = 1 if feature.name in ("potassium",) or _narrow(cohorts, feature.name) else 0
             cells = {s: _median_iqr(c[feature.name], decimals) for s, c in cohorts.items()}
+        cells = {s: "not recorded" if c[feature.name].isna().all() else cells[s] for s, c in cohorts.items()}
         rows.append((label, cells))
         missing = {s: int(c[feature.name].isna().sum()) for s, c in cohorts.items()}
-        if any(missing.values()):
+        # The 0/1 columns of one categorical variable (ef_HFrEF after ef_HFmrEF) share its missing count: show it once.
+        shown = (feature.name.rsplit("_", 1)[0], tuple(missing.values()))
+        if any(missing.values()) and shown != last_missing:
+            last_missing = shown
             rows.append((f"{feature.name} missing, n (%)",
                          {s: count_percent_cell(missing[s], len(c)) for s, c in cohorts.items()}))
-    for score in SCORE_COLUMNS:
+    for score in (s for s in SCORE_COLUMNS if all(s in c for c in cohorts.values())):
         rows.append((f"{score} (not a model input), median [IQR]",
                      {s: _median_iqr(c[score]) for s, c in cohorts.items()}))
-    return pd.DataFrame({label: cells for label, cells in rows}).T
+    table = pd.DataFrame({label: cells for label, cells in rows}).T
+    for columns in (groups or {}).values():
+        for site, c in cohorts.items():
+            observed = c[columns[0]].notna()
+            reference = int(observed.sum() - c.loc[observed, columns].sum().sum())
+            if is_small(reference):
+                table.loc[[f"{name}, n (%)" for name in columns], site] = SUPPRESSED
+    return table
 
 
 def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -125,12 +156,14 @@ def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("quantity")
 
 
-def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5) -> pd.DataFrame:
+def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5, age: str = "age",
+                   female: str = "female") -> pd.DataFrame:
     """Return patients per site, sex and age band; small counts become NaN (not plotted)."""
     frames = []
     for site, c in cohorts.items():
-        lower = (np.floor(c["age"] / band) * band).astype(int)
-        counts = (pd.DataFrame({"age_band": lower, "sex": np.where(c["female"] == 1, "women", "men")})
+        c = c.loc[c[age].notna() & c[female].notna()]
+        lower = (np.floor(c[age] / band) * band).astype(int)
+        counts = (pd.DataFrame({"age_band": lower, "sex": np.where(c[female] == 1, "women", "men")})
                   .value_counts().rename("patients").reset_index())
         counts["site"] = site
         frames.append(counts)
@@ -143,11 +176,15 @@ def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5) -> pd.DataFr
 
 
 def readmission_rates(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Return each site's readmission rate with a 95% Wilson interval."""
+    """Return each site's readmission rate with a 95% Wilson interval (not shown where a count is under 5)."""
     rows = []
     for site, c in cohorts.items():
         n, k = len(c), int(c[LABEL].sum())
         low, high = wilson_interval(k, n)
+        if is_small(k) or is_small(n - k):
+            rows.append({"site": site, "index_stays": np.nan, "readmitted": np.nan, "rate": np.nan, "low": np.nan,
+                         "high": np.nan})
+            continue
         rows.append({"site": site, "index_stays": n, "readmitted": k, "rate": k / n, "low": low, "high": high})
     return pd.DataFrame(rows)
 
@@ -162,11 +199,17 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (centre - half, centre + half)
 
 
-def missingness(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Return the share of index stays missing each variable (variables with any missing)."""
-    names = [f.name for f in FEATURES]
-    table = pd.DataFrame({site: c[names].isna().mean() for site, c in cohorts.items()})
-    return table.loc[table.max(axis=1) > 0]
+def missingness(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
+    """Return the share of index stays missing each variable (variables with any missing).
+
+    A share whose count of missing (or of present) values is under 5 is NaN: not shown.
+    """
+    names = [f.name for f in features]
+    missing = pd.DataFrame({site: c[names].isna().sum() for site, c in cohorts.items()})
+    sizes = pd.Series({site: len(c) for site, c in cohorts.items()})
+    table = missing / sizes
+    small = is_small(missing.to_numpy()) | is_small((sizes.to_numpy() - missing.to_numpy()))
+    return table.mask(small).loc[missing.max(axis=1) > 0]
 
 
 def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
@@ -185,11 +228,11 @@ def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def standardised_differences(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def standardised_differences(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
     """Return the standardised mean difference of each variable between the first two sites."""
     (a_name, a), (b_name, b) = list(cohorts.items())[:2]
     rows = []
-    for feature in FEATURES:
+    for feature in features:
         x, y = a[feature.name].dropna(), b[feature.name].dropna()
         pooled_sd = np.sqrt((x.var() + y.var()) / 2)
         smd = (x.mean() - y.mean()) / pooled_sd if pooled_sd > 0 else 0.0
@@ -199,10 +242,10 @@ def standardised_differences(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return out.sort_values("smd", key=np.abs, ascending=False)
 
 
-def variables_table() -> pd.DataFrame:
+def variables_table(features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
     """Return every modelling variable with its source and why it is needed."""
     return pd.DataFrame([{"variable": f.name, "type": f.kind, "source": f.source, "why it is needed": f.why}
-                         for f in FEATURES]).set_index("variable")
+                         for f in features]).set_index("variable")
 
 
 # ---------------------------------------------------------------- figures
@@ -218,18 +261,19 @@ def plot_age_sex(counts: pd.DataFrame):
     return grid.figure
 
 
-def plot_readmission_rates(rates: pd.DataFrame):
-    """Return a point plot of readmission rate per site with 95% Wilson intervals."""
+def plot_readmission_rates(rates: pd.DataFrame, published: bool = True):
+    """Return a point plot of readmission rate per site with 95% Wilson intervals (and the published range)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 2.6))
     y = np.arange(len(rates))
     ax.errorbar(rates["rate"] * 100, y, xerr=[(rates["rate"] - rates["low"]) * 100, (rates["high"] - rates["rate"]) * 100],
                 fmt="o", capsize=4)
-    ax.axvspan(18, 20.3, color="grey", alpha=0.15, label="published 18-20.3%")
+    if published:
+        ax.axvspan(18, 20.3, color="grey", alpha=0.15, label="published 18-20.3%")
+        ax.legend(loc="lower right", fontsize="small")
     ax.set_yticks(y, rates["site"])
     ax.set_xlabel("readmitted within 30 days (%)")
-    ax.legend(loc="lower right", fontsize="small")
     ax.set_ylim(-0.6, len(rates) - 0.4)
     return fig
 
@@ -239,6 +283,11 @@ def plot_missingness(table: pd.DataFrame):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    if table.empty:
+        fig, ax = plt.subplots(figsize=(4.5, 1.2))
+        ax.text(0.5, 0.5, "no missing values at any site", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
     fig, ax = plt.subplots(figsize=(4.5, 0.45 * len(table) + 1))
     sns.heatmap(table * 100, annot=True, fmt=".0f", cmap="Blues", vmin=0, vmax=100,
                 cbar_kws={"label": "% missing"}, ax=ax)
@@ -272,20 +321,29 @@ def plot_standardised_differences(smd: pd.DataFrame):
     return fig
 
 
-def plot_lab_distributions(cohorts: dict[str, pd.DataFrame], labs=("nt_probnp", "egfr", "sodium", "haemoglobin")):
+#: A site's box in the distribution plots needs this many observed values: with fewer, the 5th and
+#: 95th percentiles sit on single patients' values.
+MIN_FOR_DISTRIBUTION = 20
+
+
+def plot_lab_distributions(cohorts: dict[str, pd.DataFrame], labs=("nt_probnp", "egfr", "sodium", "haemoglobin"),
+                           log_scale=("nt_probnp",)):
     """Return box plots of labs by site: quartiles, whiskers at the 5th and 95th percentiles, no points.
 
     Percentile whiskers (not the 1.5 IQR rule, whose ends are real observations)
-    keep every drawn value an aggregate.
+    keep every drawn value an aggregate; a site with fewer than
+    MIN_FOR_DISTRIBUTION observed values of a lab is left out of its panel.
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    fig, axes = plt.subplots(1, len(labs), figsize=(3.0 * len(labs), 3.2))
-    for ax, lab in zip(axes, labs):
-        frame = pd.concat([pd.DataFrame({"site": s, lab: c[lab]}) for s, c in cohorts.items()], ignore_index=True)
+    labs = tuple(labs)
+    fig, axes = plt.subplots(1, len(labs), figsize=(3.0 * len(labs), 3.2), squeeze=False)
+    for ax, lab in zip(axes[0], labs):
+        frame = pd.concat([pd.DataFrame({"site": s, lab: c[lab]}) for s, c in cohorts.items()
+                           if c[lab].notna().sum() >= MIN_FOR_DISTRIBUTION], ignore_index=True)
         sns.boxplot(data=frame, x="site", y=lab, hue="site", whis=(5, 95), showfliers=False, ax=ax, legend=False)
-        if lab == "nt_probnp":
+        if lab in log_scale:
             ax.set_yscale("log")
         ax.set_xlabel("")
     fig.suptitle("Laboratory values during the index stay (box: quartiles; whiskers: 5th-95th percentile)")

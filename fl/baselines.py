@@ -19,7 +19,8 @@ from torch import nn
 from compendium.artifacts import save_arrays
 from compendium.params import BaselineParams, Profile
 from fl import evaluate as ev
-from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_oracle_risk, load_site, site_dir
+from fl.data import (FeatureSchema, FeatureStatistics, PreprocessingSpec, SiteSplit, load_oracle_risk, load_site,
+                     site_dir)
 from fl.models import build_model
 from fl.train import TrainConfig, fit, predict_proba, validation_mask
 
@@ -53,7 +54,10 @@ def fit_torch(name: str, train: list[SiteSplit], params: BaselineParams, seed: i
     features = pd.concat([s.features for s in train], ignore_index=True)
     labels = np.concatenate([s.labels for s in train])
     if spec is None:
-        spec = PreprocessingSpec.from_statistics(FeatureStatistics.of(features))
+        # A site's own model standardises with its own statistics; a feature the site does not record is a
+        # constant input for it.
+        schema = train[0].schema
+        spec = PreprocessingSpec.from_statistics(FeatureStatistics.of(features, schema), schema, unobserved="constant")
     x = spec.transform(features)
     held_out = validation_mask(labels, params.validation_fraction, seed)
     model = build_model(params.model, x.shape[1], seed=seed, hidden=tuple(params.mlp_hidden))
@@ -81,6 +85,8 @@ class BaselineResults:
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # model -> site -> metrics
     fitted: dict[str, FittedModel] = field(default_factory=dict)
     sweep: pd.DataFrame | None = None
+    #: Models that could not be fitted, with the reason (a site whose training data have one outcome class).
+    not_fitted: dict[str, str] = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -88,27 +94,60 @@ class BaselineResults:
 
 
 def site_splits(build_dir: Path, sites: tuple[str, ...], split: str) -> dict[str, SiteSplit]:
-    """Return each site's split, loaded through the single data door."""
-    return {site: load_site(site_dir(build_dir, site), split, site) for site in sites}
+    """Return each site's split, loaded through the single data door (every site must share one schema)."""
+    splits = {site: load_site(site_dir(build_dir, site), split, site) for site in sites}
+    shared_schema(splits)
+    return splits
+
+
+def shared_schema(splits: dict[str, SiteSplit]) -> FeatureSchema:
+    """Return the feature schema every site shares; raise naming the sites whose schema differs."""
+    first, *rest = splits
+    schema = splits[first].schema
+    differ = [s for s in rest if splits[s].schema != schema]
+    if differ:
+        raise ValueError(f"site(s) {differ} have other feature columns than {first!r}; rebuild stage 1 so that "
+                         "every site's cohort has the dataset's feature list")
+    return schema
+
+
+def single_class_reason(data: SiteSplit) -> str | None:
+    """Return why a model cannot be fitted on these training data (one outcome class), or None."""
+    if np.unique(data.labels).size < 2:
+        outcome = "readmitted" if data.labels.size and data.labels[0] else "not readmitted"
+        return f"not estimable: every training patient at {data.site} has the same outcome ({outcome})"
+    return None
 
 
 def run(profile: Profile, build_dir: Path) -> BaselineResults:
-    """Train local, pooled and reference models and score them on every site's test split."""
+    """Train local, pooled and reference models and score them on every site's test split.
+
+    On a provided dataset there is no oracle (no known true risk) and no LACE
+    score; a site whose training data have one outcome class gets no local
+    model (`not_fitted` says why), though its data still count in the pooled
+    model.
+    """
     params, seed, sites = profile.baselines, profile.seed, profile.sites
     train = site_splits(build_dir, sites, "train")
     test = site_splits(build_dir, sites, "test")
+    schema = shared_schema(train)
     results = BaselineResults(sites=sites, test=test)
     for site in sites:
+        reason = single_class_reason(train[site])
+        if reason is not None:
+            results.not_fitted[f"local_{site}"] = reason
+            continue
         results.fitted[f"local_{site}"] = fit_torch(f"local_{site}", [train[site]], params, seed)
-    pooled_stats = FeatureStatistics.of_sites([train[s].features for s in sites])
+    pooled_stats = FeatureStatistics.of_sites([train[s].features for s in sites], schema)
     results.fitted["pooled"] = fit_torch("pooled", [train[s] for s in sites], params, seed,
-                                         spec=PreprocessingSpec.from_statistics(pooled_stats))
+                                         spec=PreprocessingSpec.from_statistics(pooled_stats, schema))
     gbt = fit_gbt([train[s] for s in sites], params, seed)
     for name, fitted in results.fitted.items():
         results.predictions[name] = {s: fitted.predict(test[s]) for s in sites}
     results.predictions["gbt"] = {s: gbt.predict_proba(test[s].features)[:, 1] for s in sites}
-    results.predictions["lace"] = {s: test[s].lace for s in sites}
-    results.predictions["oracle"] = {s: load_oracle_risk(site_dir(build_dir, s), "test") for s in sites}
+    if profile.dataset is None:  # references that exist only for the synthetic generator's data
+        results.predictions["lace"] = {s: test[s].lace for s in sites}
+        results.predictions["oracle"] = {s: load_oracle_risk(site_dir(build_dir, s), "test") for s in sites}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     for name, by_site in results.predictions.items():
         results.metrics[name] = {
@@ -119,9 +158,11 @@ def run(profile: Profile, build_dir: Path) -> BaselineResults:
     return results
 
 
-def smallest_site(train: dict[str, SiteSplit]) -> str:
-    """Return the site with the fewest training rows."""
-    return min(train, key=lambda s: len(train[s]))
+def smallest_site(train: dict[str, SiteSplit], test: dict[str, SiteSplit] | None = None) -> str:
+    """Return the site with the fewest training rows (among those with both outcomes in training and test)."""
+    usable = [s for s in train if single_class_reason(train[s]) is None
+              and (test is None or ev.not_estimable_reason(test[s].labels) is None)]
+    return min(usable or list(train), key=lambda s: len(train[s]))
 
 
 def _subsample(data: SiteSplit, fraction: float, rng: np.random.Generator) -> SiteSplit:
@@ -131,31 +172,44 @@ def _subsample(data: SiteSplit, fraction: float, rng: np.random.Generator) -> Si
 def size_sweep(train: dict[str, SiteSplit], test: dict[str, SiteSplit], params: BaselineParams,
                seed: int) -> pd.DataFrame:
     """Return AUROC on the smallest site's test split as its own training data grow, alone and pooled."""
-    small = smallest_site(train)
+    small = smallest_site(train, test)
     others = [train[s] for s in train if s != small]
     rows = []
     for fraction in params.sweep_fractions:
         for repeat in range(params.sweep_repeats):
             rng = np.random.default_rng(np.random.SeedSequence([seed, 3, repeat, int(fraction * 1e6)]))
             subset = _subsample(train[small], fraction, rng)
-            local = fit_torch("local", [subset], params, seed + repeat)
             pooled = fit_torch("pooled", [subset, *others], params, seed + repeat)
             y = test[small].labels
+            # A small subsample of a small site may hold one outcome class: no local model then.
+            local = fit_torch("local", [subset], params, seed + repeat) if single_class_reason(subset) is None else None
             rows.append({
                 "site": small, "fraction": fraction, "repeat": repeat, "train_rows": len(subset),
-                "local_auroc": ev.auroc(y, local.predict(test[small])),
+                "local_auroc": ev.auroc(y, local.predict(test[small])) if local is not None else np.nan,
                 "pooled_auroc": ev.auroc(y, pooled.predict(test[small])),
             })
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- tables and checks
+def auroc_cell(metrics: dict | None) -> str:
+    """Return "AUROC (CI)" for display, or why it is not estimable."""
+    if metrics is None:
+        return "not estimable"
+    if "auroc" not in metrics:
+        return metrics.get("not_estimable", "not estimable")
+    return str(ev.Estimate(**metrics["auroc"]))
+
+
 def auroc_table(results: BaselineResults) -> pd.DataFrame:
-    """Return AUROC (95% CI) of every model (rows) on every test site (columns)."""
-    return pd.DataFrame({
-        site: {model: str(ev.Estimate(**results.metrics[model][site]["auroc"])) for model in results.models}
+    """Return AUROC (95% CI) of every model (rows) on every test site (columns); unfitted models say why."""
+    table = pd.DataFrame({
+        site: {model: auroc_cell(results.metrics[model][site]) for model in results.models}
         for site in results.sites
     })
+    for model, reason in results.not_fitted.items():
+        table.loc[model] = reason
+    return table
 
 
 def metrics_table(results: BaselineResults) -> pd.DataFrame:
@@ -163,6 +217,8 @@ def metrics_table(results: BaselineResults) -> pd.DataFrame:
     rows = []
     for model, by_site in results.metrics.items():
         for site, m in by_site.items():
+            if "auroc" not in m:
+                continue
             rows.append({
                 "model": model, "test_site": site, "patients": m["patients"],
                 "auroc": m["auroc"]["value"], "auroc_lower": m["auroc"]["lower"], "auroc_upper": m["auroc"]["upper"],
@@ -177,40 +233,47 @@ def paired_comparisons(results: BaselineResults) -> pd.DataFrame:
     rows = []
     for site in results.sites:
         y = results.test[site].labels
+        if f"local_{site}" not in results.predictions or min(int(y.sum()), int((1 - y).sum())) < 2:
+            continue  # no own model, or too few of one outcome on the test split for DeLong's test
         own = results.predictions[f"local_{site}"][site]
         candidates = [("pooled", results.predictions["pooled"][site])]
         candidates += [(f"local_{other}", results.predictions[f"local_{other}"][site])
-                       for other in results.sites if other != site]
+                       for other in results.sites if other != site and f"local_{other}" in results.predictions]
         for name, scores in candidates:
             test = ev.delong_test(y, scores, own)
             rows.append({"test_site": site, "model": name, "versus": f"local_{site}", **test})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["test_site", "model", "versus", *ev.DELONG_COLUMNS])
 
 
 def sanity_checks(results: BaselineResults) -> dict[str, dict[str, bool]]:
     """Return the stage's quality bars per site.
 
-    - oracle_not_beaten: the oracle's AUROC is at least every fitted model's lower CI bound;
-    - pooled_not_worse: the pooled AUROC is at least the lower CI bound of the site's own model.
+    - oracle_not_beaten: the oracle's AUROC is at least every fitted model's lower CI bound
+      (synthetic data only: provided data have no oracle);
+    - pooled_not_worse: the pooled AUROC is at least the lower CI bound of the site's own model
+      (None where either is not estimable).
     """
     fitted = [m for m in results.models if m not in ("oracle", "lace")]
     checks = {}
     for site in results.sites:
-        oracle = results.metrics["oracle"][site]["auroc"]["value"]
-        local = results.metrics[f"local_{site}"][site]["auroc"]
-        pooled = results.metrics["pooled"][site]["auroc"]["value"]
-        checks[site] = {
-            "oracle_not_beaten": all(oracle >= results.metrics[m][site]["auroc"]["lower"] for m in fitted),
-            "pooled_not_worse": pooled >= local["lower"],
-        }
+        local = results.metrics.get(f"local_{site}", {}).get(site, {}).get("auroc")
+        pooled = results.metrics["pooled"][site].get("auroc")
+        checks[site] = {"pooled_not_worse": pooled["value"] >= local["lower"] if local and pooled else None}
+        if "oracle" in results.metrics and "auroc" in results.metrics["oracle"][site]:
+            oracle = results.metrics["oracle"][site]["auroc"]["value"]
+            checks[site]["oracle_not_beaten"] = all(oracle >= results.metrics[m][site]["auroc"]["lower"]
+                                                    for m in fitted if "auroc" in results.metrics[m][site])
     return checks
 
 
 def summary(profile: Profile, results: BaselineResults) -> dict:
     """Return stage 2's summary.json content."""
     def pick(key: str) -> dict:
+        wanted = ("auroc", "auprc") if key in ("auroc", "auprc") else ("brier",)
         return {model: {site: results.metrics[model][site].get(key) for site in results.sites}
-                for model in results.models if key in results.metrics[model][results.sites[0]]}
+                for model in results.models
+                if any(w in results.metrics[model][s] for s in results.sites for w in wanted)
+                and (key in ("auroc", "auprc") or model not in SCORE_ONLY)}
 
     sweep = results.sweep
     by_fraction = sweep.groupby("fraction")[["train_rows", "local_auroc", "pooled_auroc"]].mean().round(4)
@@ -228,6 +291,13 @@ def summary(profile: Profile, results: BaselineResults) -> dict:
         "size_sweep": {"site": str(sweep["site"].iloc[0]),
                        "points": by_fraction.reset_index().to_dict(orient="records")},
         "checks": sanity_checks(results),
+        "not_estimable": {
+            **{model: {site: reason for site in results.sites} for model, reason in results.not_fitted.items()},
+            **{model: {site: m["not_estimable"] for site, m in by_site.items() if "not_estimable" in m}
+               for model, by_site in results.metrics.items()
+               if any("not_estimable" in m for m in by_site.values())},
+        },
+        "references": {"oracle": "oracle" in results.predictions, "lace": "lace" in results.predictions},
     }
 
 
@@ -244,7 +314,7 @@ def predictions_frame(results: BaselineResults) -> pd.DataFrame:
 def subgroup_table(results: BaselineResults, models: tuple[str, ...] = ("pooled",)) -> pd.DataFrame:
     """Return AUROC by sex and age band on each site's test split for the given models."""
     frames = []
-    for model in (*models, *(f"local_{s}" for s in results.sites)):
+    for model in (*models, *(f"local_{s}" for s in results.sites if f"local_{s}" in results.predictions)):
         for site in results.sites:
             data, scores = results.test[site], results.predictions[model][site]
             for kind, groups in (("sex", data.sex), ("age band", data.age_band)):

@@ -10,7 +10,8 @@ federated stage standardises without pooling records.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,60 @@ LOG_FEATURES = ("nt_probnp", "creatinine")
 #: Variables that may be missing get a 0/1 "was missing" indicator beside the imputed value.
 MISSING_INDICATOR_FEATURES = ("nt_probnp", "creatinine", "egfr", "sodium", "potassium", "haemoglobin",
                               "systolic_bp", "lvef")
-STAGE1_SITES = Path("01_synthetic_ehr") / "sites"
+#: Stage 1's folder: the synthetic generator's, or the data card of a provided dataset.
+SYNTHETIC_STAGE = "01_synthetic_ehr"
+DATA_CARD_STAGE = "01_data_card"
 #: Columns of the model matrix: standardised features, then missing indicators.
 MODEL_INPUTS = len(FEATURE_NAMES) + len(MISSING_INDICATOR_FEATURES)
+#: Parquet metadata key under which a cohort file carries its FeatureSchema (provided data).
+SCHEMA_METADATA_KEY = b"fedhf.feature_schema"
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The model's variables: names in column order, their kinds, fixed transforms, missing indicators.
+
+    The synthetic cohort's schema is `SYNTHETIC_SCHEMA`; a provided dataset's
+    schema comes from its dataset YAML and travels inside each site's cohort
+    file, so every stage reads the same list from the data themselves.
+    """
+
+    features: tuple[str, ...]
+    kinds: tuple[str, ...]
+    log_features: tuple[str, ...] = ()
+    indicator_features: tuple[str, ...] = ()
+    #: Columns for subgroup results: {"age": <numeric feature>, "female": <binary feature>} (either may be absent).
+    subgroups: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.kinds) != len(self.features):
+            raise ValueError("FeatureSchema: one kind per feature")
+        unknown = sorted((set(self.log_features) | set(self.indicator_features)) - set(self.features))
+        if unknown:
+            raise ValueError(f"FeatureSchema: transforms name unknown feature(s) {unknown}")
+
+    @property
+    def n_inputs(self) -> int:
+        """Return the width of the model matrix (features plus missing indicators)."""
+        return len(self.features) + len(self.indicator_features)
+
+    def to_json(self) -> str:
+        return json.dumps({"features": list(self.features), "kinds": list(self.kinds),
+                           "log_features": list(self.log_features), "indicator_features": list(self.indicator_features),
+                           "subgroups": dict(sorted(self.subgroups.items()))}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "FeatureSchema":
+        data = json.loads(text)
+        return cls(tuple(data["features"]), tuple(data["kinds"]), tuple(data["log_features"]),
+                   tuple(data["indicator_features"]), dict(data.get("subgroups", {})))
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+
+SYNTHETIC_SCHEMA = FeatureSchema(FEATURE_NAMES, tuple(f.kind for f in FEATURES), LOG_FEATURES,
+                                 MISSING_INDICATOR_FEATURES, {"age": "age", "female": "female"})
 
 
 class CohortError(ValueError):
@@ -48,6 +100,7 @@ class SiteSplit:
     sex: pd.Series
     age_band: pd.Series
     lace: np.ndarray
+    schema: FeatureSchema = SYNTHETIC_SCHEMA
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,12 +110,22 @@ class SiteSplit:
         rows = np.asarray(rows)
         return SiteSplit(self.site, self.split, self.features.iloc[rows].reset_index(drop=True), self.labels[rows],
                          self.sex.iloc[rows].reset_index(drop=True), self.age_band.iloc[rows].reset_index(drop=True),
-                         self.lace[rows])
+                         self.lace[rows], self.schema)
+
+
+def stage1_dir(build_dir: Path) -> Path:
+    """Return the build folder's stage-1 folder: the data card of provided data, else the synthetic EHR.
+
+    A build folder holds one or the other, never both (provided data build
+    under build/<profile>-<dataset>/).
+    """
+    card = Path(build_dir) / DATA_CARD_STAGE
+    return card if card.is_dir() else Path(build_dir) / SYNTHETIC_STAGE
 
 
 def site_dir(build_dir: Path, site: str) -> Path:
     """Return a site's stage-1 folder within a profile's build folder."""
-    return Path(build_dir) / STAGE1_SITES / site
+    return stage1_dir(build_dir) / "sites" / site
 
 
 def age_band(age: pd.Series) -> pd.Series:
@@ -71,8 +134,19 @@ def age_band(age: pd.Series) -> pd.Series:
                   labels=["<70", "70-79", "80-89", "90+"]).astype(str)
 
 
+def cohort_schema(table: pa.Table) -> FeatureSchema:
+    """Return the feature schema a cohort table carries in its metadata (the synthetic one if none)."""
+    metadata = table.schema.metadata or {}
+    if SCHEMA_METADATA_KEY in metadata:
+        return FeatureSchema.from_json(metadata[SCHEMA_METADATA_KEY])
+    return SYNTHETIC_SCHEMA
+
+
 def read_cohort(path: Path) -> pd.DataFrame:
-    """Return a validated cohort table (every feature, the label in {0,1}, the split)."""
+    """Return a validated cohort table (every feature, the label in {0,1}, the split).
+
+    The table's feature schema is in `frame.attrs["schema"]`.
+    """
     path = Path(path)
     if not path.is_file():
         raise CohortError(f"cohort file {path} does not exist; run stage 1 (`make all`) first")
@@ -84,7 +158,12 @@ def read_cohort(path: Path) -> pd.DataFrame:
         raise
     except (pa.ArrowInvalid, OSError) as error:
         raise CohortError(f"{path} is not a readable Parquet file ({error})") from None
-    missing = [c for c in (*FEATURE_NAMES, LABEL, SPLIT) if c not in table.column_names]
+    try:
+        schema = cohort_schema(table)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CohortError(f"{path}: unreadable feature schema in the file's metadata ({error}); "
+                          "rebuild stage 1") from None
+    missing = [c for c in (*schema.features, LABEL, SPLIT) if c not in table.column_names]
     if missing:
         raise CohortError(f"{path}: missing column(s) {missing}")
     frame = table.to_pandas()
@@ -98,9 +177,10 @@ def read_cohort(path: Path) -> pd.DataFrame:
     if bad_split.any():
         raise CohortError(f"{path}: column {SPLIT!r} must be one of {SPLITS}; found "
                           f"{sorted(frame.loc[bad_split, SPLIT].astype(str).unique())[:3]}")
-    for name in FEATURE_NAMES:
+    for name in schema.features:
         if not pd.api.types.is_numeric_dtype(frame[name]):
             raise CohortError(f"{path}: feature {name!r} must be numeric, found {frame[name].dtype}")
+    frame.attrs["schema"] = schema
     return frame
 
 
@@ -112,14 +192,19 @@ def load_site(directory: Path, split: str, site: str | None = None) -> SiteSplit
     frame = read_cohort(directory / COHORT_FILE)
     if split != "all":
         frame = frame.loc[frame[SPLIT] == split]
+    schema = frame.attrs["schema"]
     frame = frame.reset_index(drop=True)
+    female, age = schema.subgroups.get("female"), schema.subgroups.get("age")
+    unknown = pd.Series(np.full(len(frame), "all", dtype=object))
     return SiteSplit(
         site=site or directory.name, split=split,
-        features=frame[list(FEATURE_NAMES)].astype(float),
+        features=frame[list(schema.features)].astype(float),
         labels=frame[LABEL].to_numpy(dtype=np.int64),
-        sex=pd.Series(np.where(frame["female"] == 1, "women", "men")),
-        age_band=age_band(frame["age"]),
+        sex=pd.Series(np.where(frame[female] == 1, "women", np.where(frame[female] == 0, "men", "unknown")))
+        if female else unknown,
+        age_band=age_band(frame[age]).replace("nan", "unknown") if age else unknown,
         lace=frame["lace_score"].to_numpy(dtype=float) if "lace_score" in frame else np.full(len(frame), np.nan),
+        schema=schema,
     )
 
 
@@ -140,9 +225,9 @@ def load_oracle_risk(directory: Path, split: str = "test") -> np.ndarray:
 
 
 # ---------------------------------------------------------------- preprocessing
-def _transformed(features: pd.DataFrame) -> pd.DataFrame:
-    out = features[list(FEATURE_NAMES)].astype(float).copy()
-    for name in LOG_FEATURES:
+def _transformed(features: pd.DataFrame, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> pd.DataFrame:
+    out = features[list(schema.features)].astype(float).copy()
+    for name in schema.log_features:
         out[name] = np.log(out[name].clip(lower=1e-3))
     return out
 
@@ -157,17 +242,17 @@ class FeatureStatistics:
     rows: int
 
     @classmethod
-    def of(cls, features: pd.DataFrame) -> "FeatureStatistics":
+    def of(cls, features: pd.DataFrame, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> "FeatureStatistics":
         """Return the statistics of a feature table (after the fixed log transforms)."""
-        values = _transformed(features).to_numpy()
+        values = _transformed(features, schema).to_numpy()
         present = ~np.isnan(values)
         filled = np.where(present, values, 0.0)
         return cls(present.sum(axis=0).astype(float), filled.sum(axis=0), (filled**2).sum(axis=0), len(values))
 
     @classmethod
-    def of_sites(cls, site_features: list[pd.DataFrame]) -> "FeatureStatistics":
+    def of_sites(cls, site_features: list[pd.DataFrame], schema: FeatureSchema = SYNTHETIC_SCHEMA) -> "FeatureStatistics":
         """Return the sum of each site's statistics: what the federated statistics round computes."""
-        parts = [cls.of(features) for features in site_features]
+        parts = [cls.of(features, schema) for features in site_features]
         return sum(parts[1:], parts[0])
 
     def __add__(self, other: "FeatureStatistics") -> "FeatureStatistics":
@@ -186,31 +271,43 @@ class FeatureStatistics:
 
 @dataclass(frozen=True)
 class PreprocessingSpec:
-    """Mean imputation, standardisation and missing indicators with given statistics."""
+    """Mean imputation, standardisation and missing indicators with given statistics.
+
+    Imputation is at the (federated) mean: a value missing at a site, or a
+    feature a site does not record at all, becomes the mean over the sites
+    that observed it, with its missing indicator set.
+    """
 
     mean: np.ndarray
     std: np.ndarray
+    schema: FeatureSchema = SYNTHETIC_SCHEMA
 
     @classmethod
-    def from_statistics(cls, stats: FeatureStatistics) -> "PreprocessingSpec":
-        if np.any(stats.count == 0):
-            empty = [n for n, c in zip(FEATURE_NAMES, stats.count) if c == 0]
-            raise ValueError(f"no observed values for feature(s) {empty}: cannot standardise")
-        mean = stats.total / stats.count
-        variance = np.maximum(stats.total_squares / stats.count - mean**2, 0.0)
+    def from_statistics(cls, stats: FeatureStatistics, schema: FeatureSchema = SYNTHETIC_SCHEMA,
+                        unobserved: str = "error") -> "PreprocessingSpec":
+        """Return the spec of the statistics; a feature nobody observed is an error, or with
+        `unobserved="constant"` (a local model at a site lacking the feature) a constant 0 input."""
+        empty = [n for n, c in zip(schema.features, stats.count) if c == 0]
+        if empty and unobserved != "constant":
+            raise ValueError(f"no observed values for feature(s) {empty}: cannot standardise; "
+                             "at least one site must record each feature")
+        count = np.where(stats.count > 0, stats.count, 1.0)
+        mean = stats.total / count
+        variance = np.maximum(stats.total_squares / count - mean**2, 0.0)
         std = np.sqrt(variance)
-        return cls(mean=mean, std=np.where(std > 0, std, 1.0))
+        return cls(mean=mean, std=np.where(std > 0, std, 1.0), schema=schema)
 
     @property
     def key(self) -> str:
         """Return a short content hash (to cache data transformed with this spec)."""
         import hashlib
 
-        return hashlib.sha256(np.ascontiguousarray(self.mean).tobytes() + np.ascontiguousarray(self.std).tobytes()).hexdigest()[:16]
+        return hashlib.sha256(np.ascontiguousarray(self.mean).tobytes() + np.ascontiguousarray(self.std).tobytes()
+                              + self.schema.to_json().encode()).hexdigest()[:16]
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return FEATURE_NAMES + tuple(f"{name}_missing" for name in MISSING_INDICATOR_FEATURES)
+        return self.schema.features + tuple(f"{name}_missing" for name in self.schema.indicator_features)
 
     @property
     def n_outputs(self) -> int:
@@ -218,8 +315,8 @@ class PreprocessingSpec:
 
     def transform(self, features: pd.DataFrame) -> np.ndarray:
         """Return the model matrix (float32): standardised features, imputed at the mean, plus indicators."""
-        values = _transformed(features).to_numpy()
+        values = _transformed(features, self.schema).to_numpy()
         missing = np.isnan(values)
         standardised = np.where(missing, 0.0, (values - self.mean) / self.std)
-        indicator_columns = [FEATURE_NAMES.index(name) for name in MISSING_INDICATOR_FEATURES]
+        indicator_columns = [self.schema.features.index(name) for name in self.schema.indicator_features]
         return np.hstack([standardised, missing[:, indicator_columns].astype(float)]).astype(np.float32)

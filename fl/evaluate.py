@@ -222,6 +222,10 @@ def bootstrap_metric(metric, y_true: np.ndarray, scores: np.ndarray, resamples: 
     return Estimate(float(metric(y, s)), float(lower), float(upper))
 
 
+#: The keys of `delong_test`'s result.
+DELONG_COLUMNS = ("auroc_a", "auroc_b", "difference", "lower", "upper", "z", "p_value")
+
+
 def delong_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
     """Return DeLong's test of two correlated AUROCs on the same patients: difference, its CI and p-value."""
     y, a = _check(y_true, scores_a)
@@ -253,13 +257,28 @@ def delong_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) 
     }
 
 
+def not_estimable_reason(y_true: np.ndarray) -> str | None:
+    """Return why discrimination cannot be estimated on these labels (one outcome class), or None."""
+    y = np.asarray(y_true)
+    if y.size == 0:
+        return "no patients"
+    if np.unique(y).size < 2:
+        # No count in the reason: it is shown on pages, and a small test split's size is a small cell.
+        return f"every patient here has the same outcome ({'readmitted' if y[0] else 'not readmitted'})"
+    return None
+
+
 def evaluate(y_true: np.ndarray, probabilities: np.ndarray, resamples: int, rng: np.random.Generator,
              is_probability: bool = True) -> dict:
     """Return the standard metric set for one model on one test set.
 
     Scores that are not probabilities (for example the LACE index) get
-    discrimination metrics only.
+    discrimination metrics only. On a test set with one outcome class the
+    metrics are not estimable: the result says so and why, with no numbers.
     """
+    reason = not_estimable_reason(y_true)
+    if reason is not None:
+        return {"not_estimable": reason, "patients": int(np.asarray(y_true).size)}
     y, p = _check(y_true, probabilities)
     result = {
         "auroc": bootstrap_metric(auroc, y, p, resamples, rng).as_dict(),

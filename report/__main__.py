@@ -15,11 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["site", "scan"])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--build-root", type=Path, default=Path("build"))
+    parser.add_argument("--data", default=None, help="the dataset YAML of a provided-data build")
     args = parser.parse_args(argv)
-    profile_dir = args.build_root / args.profile
+    from compendium.params import build_name
+
+    profile_dir = args.build_root / build_name(args.profile, args.data)
     try:
         if args.command == "site":
-            print(f"reviewer site: {build_site(profile_dir, args.profile)}")
+            print(f"reviewer site: {build_site(profile_dir, args.profile, args.data)}")
             return 0
         findings = scan_tree(profile_dir)
     except FileNotFoundError as error:

@@ -18,12 +18,15 @@ import jinja2
 import pandas as pd
 import yaml
 
+from compendium.disclosure import count_cell, count_percent_cell
 from data_synth.cohort import FEATURES
 from fl.evaluate import Estimate
 
 REPORT_DIR = Path(__file__).resolve().parent
 LANGUAGES = ("en", "sv")
 STAGES = ("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")
+#: Stage 1 on a provided dataset: its data card takes the synthetic stage's place.
+DATA_CARD_STAGE = "01_data_card"
 FIGURES = {
     "missingness": "01_synthetic_ehr/figures/missingness.png",
     "auroc_forest": "02_local_baselines/figures/auroc_forest.png",
@@ -74,38 +77,66 @@ def ledger_table(ledger_path: Path) -> list[dict]:
     return list(rows.values())
 
 
+def _cell(estimate: dict | None, reason: str = "not estimable") -> str:
+    return str(Estimate(**estimate)) if estimate else reason
+
+
+def _value(estimate: dict | None) -> float | None:
+    return estimate["value"] if estimate else None
+
+
 def collect(build_dir: Path) -> dict:
-    """Return everything the report shows, read from the artifacts under build_dir."""
+    """Return everything the report shows, read from the artifacts under build_dir.
+
+    On a provided dataset (stage 1 is its data card) there is no oracle and
+    no LACE reference; models that were not estimable say why.
+    """
     build_dir = Path(build_dir)
-    summaries = {stage: _json(build_dir / stage / "summary.json") for stage in STAGES}
-    manifests = {stage: _json(build_dir / stage / "manifest.json") for stage in STAGES}
-    synth, base, fed, priv = (summaries[s] for s in STAGES)
+    provided = (build_dir / DATA_CARD_STAGE).is_dir()
+    stages = (DATA_CARD_STAGE, *STAGES[1:]) if provided else STAGES
+    summaries = {stage: _json(build_dir / stage / "summary.json") for stage in stages}
+    manifests = {stage: _json(build_dir / stage / "manifest.json") for stage in stages}
+    synth, base, fed, priv = (summaries[s] for s in stages)
     sites = list(synth["sites"])
+    not_estimable = base.get("not_estimable", {})
     discrimination = []
     for model in ("oracle", "pooled", *(f"local_{s}" for s in sites), "gbt", "lace"):
-        discrimination.append({"model": model, **{s: str(Estimate(**base["auroc"][model][s])) for s in sites}})
+        if model in base["auroc"]:
+            discrimination.append({"model": model, **{s: _cell(base["auroc"][model][s],
+                                                               not_estimable.get(model, {}).get(s, "not estimable"))
+                                                      for s in sites}})
+        elif model in not_estimable:
+            discrimination.append({"model": model, **{s: not_estimable[model][s] for s in sites}})
     for strategy in fed["strategies"]:
         discrimination.append({"model": f"federated ({strategy})",
-                               **{s: str(Estimate(**fed["auroc"][strategy][s])) for s in sites}})
+                               **{s: _cell(fed["auroc"][strategy][s]) for s in sites}})
     attacks = [a for a in priv["attacks"] if not a["position"].startswith(("C:", "D:"))]
     updates = [a for a in priv["attacks"] if a["position"].startswith(("C:", "D:"))]
     released = [a for a in attacks if a["position"].startswith("A/B")]
     strongest = max(released, key=lambda a: a["tpr_at_1pct_fpr"]["value"])
     control = [a for a in attacks if a["position"] == "positive control"]
     strongest_control = max(control, key=lambda a: a["tpr_at_1pct_fpr"]["value"])
-    first = manifests[STAGES[0]]
+    first = manifests[stages[0]]
+    figures = {name: rel.replace(STAGES[0], stages[0]) for name, rel in FIGURES.items()}
+    variables = synth.get("variables") or [{"name": f.name, "kind": f.kind, "source": f.source, "why": f.why}
+                                           for f in FEATURES]
     return {
+        "data": synth.get("data", {"kind": "synthetic"}),
         "profile": synth["profile"],
         "seed": synth["seed"],
         "commit": (first["git"]["commit"] or "unknown")[:12],
         "created": max(m["created_utc"] for m in manifests.values()),
         "sites": sites,
-        "site_rows": [{"site": s, **synth["sites"][s]} for s in sites],
+        "site_rows": [{"site": s, **synth["sites"][s],
+                       "patients_cell": count_cell(synth["sites"][s]["patients"]),
+                       "index_cell": count_cell(synth["sites"][s]["index_admissions"]),
+                       "readmitted_cell": count_percent_cell(synth["sites"][s]["readmitted_30d"],
+                                                             synth["sites"][s]["index_admissions"])} for s in sites],
         "discrimination": discrimination,
-        "fedavg": {s: fed["auroc"]["fedavg"][s]["value"] for s in sites} if "fedavg" in fed["auroc"] else {},
-        "pooled": {s: base["auroc"]["pooled"][s]["value"] for s in sites},
-        "local_own": {s: base["auroc"][f"local_{s}"][s]["value"] for s in sites},
-        "oracle": {s: base["auroc"]["oracle"][s]["value"] for s in sites},
+        "fedavg": {s: _value(fed["auroc"]["fedavg"][s]) for s in sites} if "fedavg" in fed["auroc"] else {},
+        "pooled": {s: _value(base["auroc"]["pooled"][s]) for s in sites},
+        "local_own": {s: _value(base["auroc"].get(f"local_{s}", {}).get(s)) for s in sites},
+        "oracle": {s: _value(base["auroc"]["oracle"][s]) for s in sites} if "oracle" in base["auroc"] else {},
         "bytes": fed["bytes_exchanged_per_site"],
         "rounds": fed["rounds"],
         "strategies": fed["strategies"],
@@ -120,8 +151,8 @@ def collect(build_dir: Path) -> dict:
         "dp": priv["dp_frontier"],
         "not_yet_measured": priv.get("not_yet_measured", []),
         "ledger": ledger_table(build_dir / "03_federated_training" / fed["strategies"][0] / "ledger.jsonl"),
-        "variables": [{"name": f.name, "kind": f.kind, "source": f.source, "why": f.why} for f in FEATURES],
-        "figures": {name: _figure(build_dir / rel) for name, rel in FIGURES.items()},
+        "variables": variables,
+        "figures": {name: _figure(build_dir / rel) for name, rel in figures.items()},
         "parameters": yaml.safe_dump(first["parameters"], sort_keys=False),
         "provenance": [{"stage": s, "wall_seconds": m["wall_seconds"], "created": m["created_utc"],
                         "outputs": len(m["outputs"]),
@@ -129,8 +160,21 @@ def collect(build_dir: Path) -> dict:
                                         if o["path"].endswith(("cohort.parquet", "summary.json", "final_model.npz"))]}
                        for s, m in manifests.items()],
         "packages": first["packages"],
-        "experiments": yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"],
+        "experiments": [_renamed(e, STAGES[0], stages[0]) for e in
+                        yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"]],
     }
+
+
+def _renamed(experiment: dict, old: str, new: str) -> dict:
+    """Return an experiment entry with stage `old` called `new` (the data card on provided data)."""
+    return yaml.safe_load(yaml.safe_dump(experiment).replace(old, new))
+
+
+class _KeepOthers(dict):
+    """Format values that leave placeholders filled later (e.g. {fed} in k_site_line) as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
 
 
 def render(context: dict, language: str) -> str:
@@ -138,6 +182,13 @@ def render(context: dict, language: str) -> str:
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     text = yaml.safe_load((REPORT_DIR / "text" / f"{language}.yaml").read_text())
+    overrides = text.pop("provided")
+    if context.get("data", {}).get("kind") == "provided":
+        # Provided data: say which data were used, and drop what holds only for the synthetic generator.
+        data = context["data"]
+        fill = _KeepOthers(name=data["name"], description=data.get("description", "").strip(), sites=len(context["sites"]))
+        text.update({key: value.format_map(fill) if isinstance(value, str) else value
+                     for key, value in overrides.items()})
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(REPORT_DIR / "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     return environment.get_template("report.html.j2").render(t=text, c=context)
@@ -183,7 +234,8 @@ def build(build_dir: Path, output_dir: Path, pdf: bool = True) -> dict[str, Path
 
 def numbers_table(context: dict) -> pd.DataFrame:
     """Return the headline numbers as a small table (for the notebook)."""
-    return pd.DataFrame({
-        "federated (FedAvg)": context["fedavg"], "pooled": context["pooled"],
-        "own site only": context["local_own"], "oracle": context["oracle"],
-    }).round(3)
+    columns = {"federated (FedAvg)": context["fedavg"], "pooled": context["pooled"],
+               "own site only": context["local_own"]}
+    if context["oracle"]:
+        columns["oracle"] = context["oracle"]
+    return pd.DataFrame(columns).astype(float).round(3)

@@ -26,7 +26,7 @@ from flwr.common.serde import message_to_proto
 
 from fl import evaluate as ev
 from data_synth.cohort import COHORT_FILE
-from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
+from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
 from fl.federated import local_update, predict, predict_logits, round_seed
 from fl.flower import protocol as p
 from fl.flower.isolation import check_site, confine_to_site
@@ -96,14 +96,14 @@ def _matrix(data: SiteSplit, spec: PreprocessingSpec) -> np.ndarray:
 
 
 def _site_record(data: SiteSplit) -> ConfigRecord:
-    return ConfigRecord({"site": data.site, "features": list(FEATURE_NAMES)})
+    return ConfigRecord({"site": data.site, **p.site_schema_fields(data.schema)})
 
 
 @app.query("statistics")
 def statistics(msg: Message, context: Context) -> Message:
     """Reply with the per-feature aggregates of the training split (counts, sums, sums of squares)."""
     data = _site(context, "train")
-    stats = FeatureStatistics.of(data.features)
+    stats = FeatureStatistics.of(data.features, data.schema)
     arrays = ArrayRecord([np.asarray(a, dtype=np.float64) for a in (stats.count, stats.total, stats.total_squares)])
     content = RecordDict({p.STATISTICS: arrays, p.SITE: _site_record(data),
                           p.METRICS: MetricRecord({"rows": int(stats.rows)})})
@@ -115,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training split and return the new weights."""
     data = _site(context, "train")
     config = msg.content[p.CONFIG]
-    spec, train_config, kind, hidden, seed = p.read_settings(config)
+    spec, train_config, kind, hidden, seed = p.read_settings(config, data.schema)
     weights = msg.content[p.ARRAYS].to_numpy_ndarrays()
     seed_of_round = round_seed(seed, data.site, int(config["server-round"]))
     dp = p.read_dp(config)
@@ -164,7 +164,7 @@ def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
     data = _site(context, "test")
-    spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG])
+    spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG], data.schema)
     weights, features = msg.content[p.ARRAYS].to_numpy_ndarrays(), _matrix(data, spec)
     probabilities = predict(kind, hidden, weights, features)
     loss = float(np.mean(ev.record_loss(predict_logits(kind, hidden, weights, features), data.labels)))

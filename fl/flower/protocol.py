@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord
 
-from fl.data import FEATURE_NAMES, PreprocessingSpec
+from fl.data import FeatureSchema, PreprocessingSpec
 from fl.train import TrainConfig
 
 ARRAYS = "arrays"  # model weights (global model out, local model back)
@@ -29,7 +29,7 @@ def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hid
     return ConfigRecord({
         "spec-mean": [float(v) for v in spec.mean],
         "spec-std": [float(v) for v in spec.std],
-        "features": list(FEATURE_NAMES),
+        **site_schema_fields(spec.schema),
         "model": model,
         "hidden": [int(h) for h in hidden],
         "local-epochs": int(train.epochs),
@@ -41,13 +41,32 @@ def settings_record(spec: PreprocessingSpec, train: TrainConfig, model: str, hid
     })
 
 
-def read_settings(config: ConfigRecord) -> tuple[PreprocessingSpec, TrainConfig, str, tuple[int, ...], int]:
-    """Return (spec, train config, model kind, hidden sizes, seed) from a settings record."""
-    if list(config["features"]) != list(FEATURE_NAMES):
+def site_schema_fields(schema: FeatureSchema) -> dict:
+    """Return the schema fields a site reports with its statistics (names only, no values).
+
+    Flower's ConfigRecord cannot hold an empty list: an empty transform list is left out.
+    """
+    fields = {"features": list(schema.features), "log-features": list(schema.log_features),
+              "indicator-features": list(schema.indicator_features)}
+    return {key: value for key, value in fields.items() if value}
+
+
+def schema_of(record) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Return (features, log features, indicator features) named in a site or settings record."""
+    return tuple(record["features"]), tuple(record.get("log-features", [])), tuple(record.get("indicator-features", []))
+
+
+def read_settings(config: ConfigRecord, schema: FeatureSchema) -> tuple[PreprocessingSpec, TrainConfig, str, tuple[int, ...], int]:
+    """Return (spec, train config, model kind, hidden sizes, seed) from a settings record.
+
+    `schema` is the receiving site's own; the server's must name the same features and transforms.
+    """
+    mine = (schema.features, schema.log_features, schema.indicator_features)
+    if schema_of(config) != mine:
         raise ValueError("the server's feature list differs from this site's: "
-                         f"{list(config['features'])} vs {list(FEATURE_NAMES)}")
+                         f"{list(config['features'])} vs {list(schema.features)}")
     spec = PreprocessingSpec(mean=np.asarray(config["spec-mean"], dtype=float),
-                             std=np.asarray(config["spec-std"], dtype=float))
+                             std=np.asarray(config["spec-std"], dtype=float), schema=schema)
     train = TrainConfig(
         epochs=int(config["local-epochs"]),
         batch_size=int(config["batch-size"]) or None,

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from compendium.artifacts import save_arrays
 from compendium.params import Profile, load_params
-from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec
+from fl.data import FeatureSchema, FeatureStatistics, PreprocessingSpec
 from fl.federated import initial_weights
 from fl.flower import protocol as p
 from fl.flower.ledger import LedgerGrid
@@ -247,14 +247,16 @@ def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> 
         reasons = "; ".join(r.error.reason for r in errors) or "no reply"
         raise FederationError(f"{len(nodes) - len(replies) + len(errors)} site(s) could not report statistics: "
                               f"{reasons}")
-    total, rows = None, {}
+    total, rows, agreed = None, {}, None
     for reply in replies:
         site = str(reply.content[p.SITE]["site"])
-        features = list(reply.content[p.SITE]["features"])
-        if features != list(FEATURE_NAMES):
-            missing = sorted(set(FEATURE_NAMES) - set(features))
-            extra = sorted(set(features) - set(FEATURE_NAMES))
-            raise FederationError(f"site {site!r} has different feature columns: missing {missing}, extra {extra}")
+        schema = p.schema_of(reply.content[p.SITE])
+        agreed = agreed or (site, schema)
+        if schema != agreed[1]:
+            missing = sorted(set(agreed[1][0]) - set(schema[0]))
+            extra = sorted(set(schema[0]) - set(agreed[1][0]))
+            raise FederationError(f"site {site!r} has different feature columns from {agreed[0]!r}: missing "
+                                  f"{missing}, extra {extra} (or other transforms); every site needs the same list")
         count, sums, squares = reply.content[p.STATISTICS].to_numpy_ndarrays()
         site_rows = int(reply.content[p.METRICS]["rows"])
         if site_rows == 0:
@@ -262,7 +264,13 @@ def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> 
         stats = FeatureStatistics(count, sums, squares, site_rows)
         total = stats if total is None else total + stats
         rows[site] = site_rows
-    return PreprocessingSpec.from_statistics(total), rows
+    features, logs, indicators = agreed[1]
+    # Kinds and subgroups stay at the sites; the spec needs names and transforms only.
+    schema = FeatureSchema(features, ("numeric",) * len(features), logs, indicators)
+    try:
+        return PreprocessingSpec.from_statistics(total, schema), rows
+    except ValueError as error:
+        raise FederationError(str(error)) from None
 
 
 def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:

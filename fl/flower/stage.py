@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from compendium.params import Profile, profile_path
+from compendium.params import Profile, load_params, profile_path
 from fl import evaluate as ev
-from fl.baselines import site_splits
-from fl.data import SiteSplit, site_dir
+from fl.baselines import auroc_cell, shared_schema, site_splits
+from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, SiteSplit, site_dir
 from fl.federated import predict
 from fl.flower import engine
 from fl.flower.server_app import LEDGER_FILE, FederationResult
@@ -42,19 +42,22 @@ def run_strategy(profile: Profile, params_file: Path, strategy: str, build_dir: 
     dirs = [site_dir(build_dir, site) for site in profile.sites]
     folder = Path(output_dir) / strategy
     if profile.federated.engine == "ray":
+        if profile.data and load_params(params_file).data != profile.data:
+            raise ValueError("engine: ray reads the profile file, which does not name this dataset; put "
+                             f"`data: {profile.data}` in {params_file} or use engine: direct")
         engine.run_ray(params_file, strategy, dirs, folder)
-        return load_result(folder, strategy)
+        return load_result(folder, strategy, shared_schema(site_splits(build_dir, profile.sites, "test")))
     return engine.run_direct(profile, strategy, dirs, folder)
 
 
-def load_result(folder: Path, strategy: str) -> FederationResult:
-    """Return a FederationResult read back from a strategy's output folder."""
+def load_result(folder: Path, strategy: str, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> FederationResult:
+    """Return a FederationResult read back from a strategy's output folder (features as in `schema`)."""
     from fl.data import PreprocessingSpec
     from fl.flower.server_app import FINAL_MODEL_FILE, HISTORY_FILE
 
     saved = np.load(folder / FINAL_MODEL_FILE)
     weights = [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
-    spec = PreprocessingSpec(saved["spec_mean"], saved["spec_std"])
+    spec = PreprocessingSpec(saved["spec_mean"], saved["spec_std"], schema)
     history = json.loads((folder / HISTORY_FILE).read_text())
     return FederationResult(strategy, weights, spec, history, {}, float("nan"), float("nan"))
 
@@ -85,9 +88,11 @@ def comparison_table(runs: dict[str, StrategyRun], build_dir: Path, sites: tuple
     stage2 = json.loads((Path(build_dir) / BASELINES / "summary.json").read_text())["auroc"]
     rows = {}
     for model in ("oracle", "pooled", *(f"local_{s}" for s in sites)):
-        rows[model] = {site: str(ev.Estimate(**stage2[model][site])) for site in sites}
+        if model in stage2:  # no oracle on provided data; no local model at a single-class site
+            rows[model] = {site: auroc_cell({"auroc": stage2[model][site]} if stage2[model][site] else None)
+                           for site in sites}
     for strategy, run in runs.items():
-        rows[f"federated_{strategy}"] = {site: str(ev.Estimate(**run.metrics[site]["auroc"])) for site in sites}
+        rows[f"federated_{strategy}"] = {site: auroc_cell(run.metrics[site]) for site in sites}
     return pd.DataFrame(rows).T
 
 
@@ -97,12 +102,16 @@ def paired_tests(runs: dict[str, StrategyRun], build_dir: Path, test: dict[str, 
     rows = []
     for strategy, run in runs.items():
         for site, data in test.items():
+            if min(int(data.labels.sum()), int((1 - data.labels).sum())) < 2:
+                continue  # DeLong's test needs two patients with and two without the outcome
             for reference in ("pooled", f"local_{site}"):
                 scores = baseline.loc[(baseline["model"] == reference) & (baseline["test_site"] == site)]
+                if scores.empty:
+                    continue  # no local model at a site whose training data have one outcome class
                 scores = scores.sort_values("row")["score"].to_numpy()
                 result = ev.delong_test(data.labels, run.predictions[site], scores)
                 rows.append({"strategy": strategy, "test_site": site, "versus": reference, **result})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["strategy", "test_site", "versus", *ev.DELONG_COLUMNS]) if not rows else pd.DataFrame(rows)
 
 
 def ledger_frame(folder: Path) -> pd.DataFrame:
@@ -140,8 +149,10 @@ def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
         "rounds": profile.federated.rounds,
         "local_epochs": profile.federated.local_epochs,
         "strategies": list(runs),
-        "auroc": {strategy: {site: run.metrics[site]["auroc"] for site in sites} for strategy, run in runs.items()},
-        "brier": {strategy: {site: run.metrics[site]["brier"] for site in sites} for strategy, run in runs.items()},
+        "auroc": {strategy: {site: run.metrics[site].get("auroc") for site in sites} for strategy, run in runs.items()},
+        "brier": {strategy: {site: run.metrics[site].get("brier") for site in sites} for strategy, run in runs.items()},
+        "not_estimable": {site: run.metrics[site]["not_estimable"] for run in runs.values() for site in sites
+                          if "not_estimable" in run.metrics[site]},
         "bytes_exchanged_per_site": {
             strategy: {site: int(ledger.loc[ledger["site"] == site, "bytes"].sum()) for site in sites}
             for strategy, ledger in ledgers.items()

@@ -47,7 +47,7 @@ class MembershipExperiment:
 def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (logits (N, K), labels (N,), members (N, K)) of K federated models over all sites' records."""
-    tensors = {s: SiteTensors.of(d.features, d.labels) for s, d in sites.items()}
+    tensors = {s: SiteTensors.of(d.features, d.labels, d.schema) for s, d in sites.items()}
     masks = membership_masks({s: len(d) for s, d in sites.items()}, models, rng)
     trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
                               recipe.weight_decay, recipe.initial)

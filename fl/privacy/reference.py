@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fl.data import FEATURE_NAMES, MISSING_INDICATOR_FEATURES, _transformed
+from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, _transformed
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ class SiteTensors:
     design: torch.Tensor  # (n, 2f + k) float32: [values, -observed, indicators], one matmul per step
 
     @classmethod
-    def of(cls, features: pd.DataFrame, labels: np.ndarray) -> "SiteTensors":
-        raw = _transformed(features).to_numpy()
+    def of(cls, features: pd.DataFrame, labels: np.ndarray, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> "SiteTensors":
+        raw = _transformed(features, schema).to_numpy()
         observed = ~np.isnan(raw)
-        indicator_columns = [FEATURE_NAMES.index(name) for name in MISSING_INDICATOR_FEATURES]
+        indicator_columns = [schema.features.index(name) for name in schema.indicator_features]
         values = np.where(observed, raw, 0.0)
         indicators = (~observed[:, indicator_columns]).astype(float)
         return cls(
@@ -138,7 +138,7 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
     names = sorted(sites)
     m = next(iter(masks.values())).shape[0]
     mean, std = member_statistics(sites, masks)
-    f = len(FEATURE_NAMES)
+    f = next(iter(sites.values())).values.shape[1]
     weight0 = torch.as_tensor(initial[0], dtype=torch.float32).reshape(-1)
     bias0 = torch.as_tensor(initial[1], dtype=torch.float32).reshape(-1)
     global_weight = weight0[:f].expand(m, f).clone()

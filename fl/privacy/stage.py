@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 
 from compendium.params import Profile
-from fl.baselines import site_splits
-from fl.data import MODEL_INPUTS
+from fl.baselines import shared_schema, site_splits
 from fl.federated import initial_weights
 from fl.flower.server_app import CHECKPOINTS, local_train_config
 from fl.flower.stage import load_result
@@ -28,10 +27,10 @@ def require_logistic(profile: Profile) -> None:
                          f"{profile.baselines.model!r} in params/{profile.profile}.yaml")
 
 
-def recipe(profile: Profile) -> TrainingRecipe:
+def recipe(profile: Profile, n_inputs: int) -> TrainingRecipe:
     """Return the federated training every reference model repeats (the profile's FedAvg run)."""
     f = profile.federated
-    weights = initial_weights("logistic", MODEL_INPUTS, (), profile.seed)
+    weights = initial_weights("logistic", n_inputs, (), profile.seed)
     return TrainingRecipe(f.rounds, f.local_epochs, f.learning_rate, f.weight_decay, (weights[0], weights[1]))
 
 
@@ -40,26 +39,32 @@ def membership(profile: Profile, build_dir: Path) -> MembershipExperiment:
     require_logistic(profile)
     sites = site_splits(build_dir, profile.sites, "all")
     p = profile.privacy
-    return run(sites, p.reference_models, p.target_models, recipe(profile), profile.seed, p.population_size)
+    return run(sites, p.reference_models, p.target_models, recipe(profile, shared_schema(sites).n_inputs),
+               profile.seed, p.population_size)
 
 
 def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
     """Return the same experiment on a deliberately overfit federation (few patients, long training)."""
     p = profile.privacy
-    sites = {s: d.take(np.arange(min(p.positive_control_patients, len(d))))
-             for s, d in site_splits(build_dir, profile.sites, "all").items()}
-    base = recipe(profile)
+    everyone = site_splits(build_dir, profile.sites, "all")
+    sites = {s: d.take(np.arange(min(p.positive_control_patients, len(d)))) for s, d in everyone.items()}
+    base = recipe(profile, shared_schema(everyone).n_inputs)
     overfit = TrainingRecipe(10, p.positive_control_epochs, 0.2, 0.0, base.initial)
     models = max(p.reference_models, 32)
     return run(sites, models, models // 2, overfit, profile.seed, population_size=2 * p.positive_control_patients)
 
 
 def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
-    """Return positions C and D attacks on the first, middle and last round, against each site."""
+    """Return positions C and D attacks on the first, middle and last round, against each site.
+
+    Position D (the other hospital subtracting its own update from the
+    aggregate) recovers one partner's update only in a two-site federation;
+    with more sites it is not attacked (`attack_round` with `other_hospital=False`).
+    """
     require_logistic(profile)
     folder = Path(build_dir) / FEDERATED / "fedavg"
-    spec = load_result(folder, "fedavg").spec
     train = site_splits(build_dir, profile.sites, "train")
+    spec = load_result(folder, "fedavg", shared_schema(train)).spec
     test = site_splits(build_dir, profile.sites, "test")
     sites = {s: (train[s], test[s]) for s in profile.sites}
     rounds = sorted({1, max(1, profile.federated.rounds // 2), profile.federated.rounds})
@@ -85,9 +90,11 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     p, f = profile.privacy, profile.federated
     train = site_splits(build_dir, profile.sites, "train")
     test = site_splits(build_dir, profile.sites, "test")
-    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()]))
+    schema = shared_schema(train)
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()], schema),
+                                             schema)
     data = {s: (spec.transform(t.features), t.labels) for s, t in train.items()}
-    start = initial_weights("logistic", MODEL_INPUTS, (), profile.seed)
+    start = initial_weights("logistic", schema.n_inputs, (), profile.seed)
     rows = []
     for noise in p.dp_noise_multipliers:
         config = DPConfig(noise, p.dp_max_grad_norm, p.dp_sample_rate, p.dp_delta, p.dp_learning_rate, 1)
@@ -101,8 +108,9 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
                 scores.append(mi.loss_scores(predict_logits("logistic", (), weights, spec.transform(split.features)),
                                              split.labels))
                 members.append(np.full(len(split), is_member))
-            row[f"auroc_{site}"] = round(ev.auroc(test[site].labels, predict(
+            row[f"auroc_{site}"] = (round(ev.auroc(test[site].labels, predict(
                 "logistic", (), weights, spec.transform(test[site].features))), 4)
+                if ev.not_estimable_reason(test[site].labels) is None else None)
         attack = mi.evaluate_attack(np.concatenate(scores), np.concatenate(members))
         for fpr, (tpr, low, high) in attack.tpr_at.items():
             bound = epsilon_bound(epsilon, p.dp_delta, fpr)
@@ -147,11 +155,15 @@ def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, 
 
 def update_table(attacks: list[UpdateAttack]) -> pd.DataFrame:
     """Return per round and victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
+    def d(a: UpdateAttack, value) -> object:
+        return value(a) if a.other_hospital is not None else "not applicable (more than two sites)"
+
     return pd.DataFrame([{
         "round": a.server_round, "victim site": a.victim,
-        "D recovers the partner's model (max abs error)": f"{a.partner_recovery_error:.1e}",
+        "D recovers the partner's model (max abs error)": d(a, lambda a: f"{a.partner_recovery_error:.1e}"),
         "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
-        "D: AUC": round(a.other_hospital.auc, 4), "D: TPR@1%FPR": round(a.other_hospital.tpr_at[0.01][0], 4),
+        "D: AUC": d(a, lambda a: round(a.other_hospital.auc, 4)),
+        "D: TPR@1%FPR": d(a, lambda a: round(a.other_hospital.tpr_at[0.01][0], 4)),
     } for a in attacks])
 
 
@@ -171,6 +183,8 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
     for a in attacks:
         for position, result in (("C: server, site update", a.server), ("D: other hospital, recovered update",
                                                                           a.other_hospital)):
+            if result is None:
+                continue
             entries.append({"attack": "loss_drop", "position": position,
                             "target_model": f"round {a.server_round} update of {a.victim}", **result.as_dict()})
     return {
@@ -180,7 +194,8 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
         "reference_models": experiment.models,
         "target_models": experiment.targets,
         "attacks": entries,
-        "partner_recovery_max_error": max(a.partner_recovery_error for a in attacks),
+        "partner_recovery_max_error": (max(a.partner_recovery_error for a in attacks)
+                                       if all(a.other_hospital is not None for a in attacks) else None),
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
             "unit_of_privacy": "one patient",

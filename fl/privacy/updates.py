@@ -37,9 +37,9 @@ class UpdateAttack:
 
     server_round: int
     victim: str
-    partner_recovery_error: float  # max |recovered - true| of the partner's model
+    partner_recovery_error: float | None  # max |recovered - true| of the partner's model (two sites only)
     server: mi.AttackResult  # position C: the site's own update
-    other_hospital: mi.AttackResult  # position D: the update recovered from the aggregate
+    other_hospital: mi.AttackResult | None  # position D: the update recovered from the aggregate (two sites only)
 
 
 def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
@@ -54,16 +54,19 @@ def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSp
     for name, (train, _) in sorted(sites.items()):
         updates[name] = local_update("logistic", (), global_weights, spec.transform(train.features), train.labels,
                                      config, round_seed(seed, name, server_round))
-    aggregate = weighted_average([updates[name] for name in sorted(updates)])
-    (partner_name,) = [name for name in sites if name != victim]
-    own = updates[partner_name]
-    recovered = partner_update(aggregate, own.weights, own.num_examples, updates[victim].num_examples)
-    error = max(float(np.max(np.abs(r - t))) for r, t in zip(recovered, updates[victim].weights))
     train, test = sites[victim]
     features = spec.transform(pd.concat([train.features, test.features], ignore_index=True))
     labels = np.concatenate([train.labels, test.labels])
     members = np.r_[np.ones(len(train), bool), np.zeros(len(test), bool)]
     server = mi.evaluate_attack(loss_drop_scores(global_weights, updates[victim].weights, features, labels), members)
+    if len(sites) != 2:
+        # With more sites, subtracting one's own update leaves the sum of all the others, not the victim's.
+        return UpdateAttack(server_round, victim, None, server, None)
+    aggregate = weighted_average([updates[name] for name in sorted(updates)])
+    (partner_name,) = [name for name in sites if name != victim]
+    own = updates[partner_name]
+    recovered = partner_update(aggregate, own.weights, own.num_examples, updates[victim].num_examples)
+    error = max(float(np.max(np.abs(r - t))) for r, t in zip(recovered, updates[victim].weights))
     recovered32 = [r.astype(np.float32) for r in recovered]
     other = mi.evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
     return UpdateAttack(server_round, victim, error, server, other)
