@@ -74,7 +74,7 @@ RESUME ?=
 STRATEGY ?= fedavg
 
 federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: SuperLink + a SuperNode per site, TLS, node auth (RESUME=1 continues)
-	$(PY) -m fl.flower.deployment --profile $(PROFILE) --build-root $(BUILD_ROOT) --strategy $(STRATEGY) $(if $(RESUME),--resume)
+	$(PY) -m fl.flower.deployment --profile $(PROFILE) --build-root $(BUILD_ROOT) --strategy $(STRATEGY) $(if $(RESUME),--resume) $(DATA_ARG)
 
 stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks on updates)
 

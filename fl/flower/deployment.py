@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from compendium.artifacts import relative, replace_folder, write_json
-from compendium.params import REPO_ROOT, ParamsError, load_params, profile_path
+from compendium.params import REPO_ROOT, ParamsError, build_name, load_params, profile_path
 from fl.data import site_dir
 from fl.flower.credentials import Credentials, make_credentials
 from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint)
@@ -366,10 +366,15 @@ class DeploymentResult:
 
 
 def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg", resume: bool = False,
-                   timeout: float | None = None, progress: bool = True) -> DeploymentResult:
-    """Run the profile's federation on the deployment engine; collect it into <build>/03_.../deployment/."""
+                   timeout: float | None = None, progress: bool = True,
+                   data: Path | None = None) -> DeploymentResult:
+    """Run the profile's federation (on provided `data` if given) on the deployment engine.
+
+    The result is collected into <build>/03_federated_training/deployment/.
+    """
     params_file, build_dir = Path(params_file).resolve(), Path(build_dir).resolve()
-    profile = load_params(params_file)
+    data = Path(data).resolve() if data else None
+    profile = load_params(params_file, data)
     sites = {site: site_dir(build_dir, site) for site in profile.sites}
     missing = [f"{site} ({folder})" for site, folder in sites.items() if not folder.is_dir()]
     if missing:
@@ -398,8 +403,8 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
         say(f"federation: {len(nodes)} SuperNodes joined ({', '.join(sites)}); "
             f"{'resuming after round ' + str(done) if done else 'starting'} {strategy}, "
             f"{profile.federated.rounds} rounds")
-        run_id, stream = federation.submit({"params-path": str(params_file), "strategy": strategy,
-                                            "output-dir": str(server), "resume": resume})
+        run_id, stream = federation.submit({"params-path": str(params_file), "data": str(data or ""),
+                                            "strategy": strategy, "output-dir": str(server), "resume": resume})
         status, details = federation.wait(run_id, stream, timeout, ["superlink", *nodes])
         seconds = time.perf_counter() - started
         pids = sorted(s.pid for s in federation.services.values())
@@ -494,15 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default", help="params/<profile>.yaml (default: default)")
     parser.add_argument("--params", type=Path, help="a profile file elsewhere (overrides --profile)")
     parser.add_argument("--build-root", type=Path, default=REPO_ROOT / "build")
-    parser.add_argument("--build-dir", type=Path, help="the profile's build folder (default: BUILD_ROOT/PROFILE)")
+    parser.add_argument("--data", type=Path, help="a dataset YAML: run on provided data (docs/bring_your_own_data.md)")
+    parser.add_argument("--build-dir", type=Path, help="the profile's build folder (default: BUILD_ROOT/PROFILE, "
+                                                       "or BUILD_ROOT/PROFILE-DATASET with --data)")
     parser.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
     parser.add_argument("--resume", action="store_true", help="continue from the last round checkpoint")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
     args = parser.parse_args(argv)
     try:
         params_file = args.params or profile_path(args.profile)
-        build_dir = args.build_dir or args.build_root / load_params(params_file).profile
-        run_deployment(params_file, build_dir, args.strategy, args.resume, args.timeout)
+        build_dir = args.build_dir or args.build_root / build_name(load_params(params_file).profile, args.data)
+        run_deployment(params_file, build_dir, args.strategy, args.resume, args.timeout, data=args.data)
         return 0
     except (ParamsError, DeploymentError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,7 +5,8 @@ settings) and writes its results to `output-dir`: `ledger.jsonl`,
 `history.json` (per round and site: training loss, test loss, AUROC),
 `checkpoints/round_NNN.npz` and `final_model.npz`.
 
-Run configuration keys: `params-path` (profile YAML), `strategy` (fedavg,
+Run configuration keys: `params-path` (profile YAML), `data` (a dataset
+YAML for provided data, empty for the synthetic sites), `strategy` (fedavg,
 fedprox, fedadam), `output-dir`, `resume`, and for client-level DP around
 FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
 `client-dp-clipping-norm`; for patient-level DP-SGD at every site the
@@ -364,7 +365,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
 def main(grid: Grid, context: Context) -> None:
     """Entry point for Flower's engines: settings come from the run configuration."""
     config = context.run_config
-    profile = load_params(str(config["params-path"]))
+    profile = load_params(str(config["params-path"]), str(config.get("data", "")) or None)
     client_dp = None
     if float(config.get("client-dp-noise-multiplier", 0.0)) > 0:
         client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
