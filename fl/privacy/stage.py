@@ -14,7 +14,10 @@ from fl.flower.server_app import CHECKPOINTS, local_train_config
 from fl.flower.stage import load_result
 from fl.privacy import membership as mi
 from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, null_control, run
-from fl.privacy.updates import UpdateAttack, attack_round
+from fl.privacy import attribute as ai
+from fl.privacy import canaries as cn
+from fl.privacy import reconstruction as rc
+from fl.privacy.updates import UpdateAttack, attack_update, replay_round
 
 FEDERATED = Path("03_federated_training")
 ATTACK_LABELS = {"loss": "loss threshold", "lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)",
@@ -55,22 +58,83 @@ def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
 
 
 def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
-    """Return positions C and D attacks on the first, middle and last round, against each site."""
+    """Return positions C and D attacks on every round's update of each site (replayed from the checkpoints)."""
     require_logistic(profile)
     folder = Path(build_dir) / FEDERATED / "fedavg"
     spec = load_result(folder, "fedavg").spec
     train = site_splits(build_dir, profile.sites, "train")
     test = site_splits(build_dir, profile.sites, "test")
     sites = {s: (train[s], test[s]) for s in profile.sites}
-    rounds = sorted({1, max(1, profile.federated.rounds // 2), profile.federated.rounds})
     attacks = []
-    for server_round in rounds:
-        saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
-        weights = [saved["weight_0"], saved["weight_1"]]
-        for victim in profile.sites:
-            attacks.append(attack_round(weights, sites, spec, local_train_config(profile), profile.seed,
-                                        server_round, victim))
+    for server_round in range(1, profile.federated.rounds + 1):
+        weights = _global_model(folder, server_round)
+        updates = replay_round(weights, sites, spec, local_train_config(profile), profile.seed, server_round)
+        attacks.extend(attack_update(weights, updates, sites, spec, server_round, victim) for victim in profile.sites)
     return attacks
+
+
+def _global_model(folder: Path, server_round: int) -> list[np.ndarray]:
+    """Return the global model the sites start `server_round` from (the checkpoint of the round before)."""
+    saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
+    return [saved["weight_0"], saved["weight_1"]]
+
+
+def reported_rounds(profile: Profile) -> set[int]:
+    """Return the rounds whose update attacks go into the tables: the first, the middle and the last."""
+    return {1, max(1, profile.federated.rounds // 2), profile.federated.rounds}
+
+
+def per_round_exposure(attacks: list[UpdateAttack]) -> pd.DataFrame:
+    """Return per round and site the server's (C) and the other hospital's (D) AUC and TPR at 1% FPR."""
+    return pd.DataFrame([{"round": a.server_round, "victim site": a.victim,
+                          "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
+                          "D: AUC": round(a.other_hospital.auc, 4),
+                          "D: TPR@1%FPR": round(a.other_hospital.tpr_at[0.01][0], 4)} for a in attacks])
+
+
+def attribute_inference(profile: Profile, build_dir: Path, experiment: MembershipExperiment) -> ai.AttributeInference:
+    """Return attribute inference of the profile's sensitive diagnosis against the membership experiment's targets."""
+    sites = site_splits(build_dir, profile.sites, "all")
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 9]))
+    return ai.run(experiment.trained, experiment.membership, sites, profile.privacy.sensitive_attribute,
+                  experiment.targets, rng)
+
+
+def canary_exposure(profile: Profile, build_dir: Path) -> cn.CanaryExposure:
+    """Return the exposure of canaries injected into the first site, against every reference pipeline."""
+    require_logistic(profile)
+    sites = site_splits(build_dir, profile.sites, "all")
+    p = profile.privacy
+    return cn.run(sites, profile.sites[0], p.canaries, p.reference_models, recipe(profile), profile.seed)
+
+
+def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
+    """Return gradient-matching reconstruction from FedSGD batch gradients, after one round and after all rounds.
+
+    The models the gradients are taken at are the FedAvg run's global models
+    of those rounds; the batches are drawn from all patients (model inputs
+    standardised with the federated statistics).
+    """
+    from fl.data import FEATURE_NAMES
+
+    require_logistic(profile)
+    folder = Path(build_dir) / FEDERATED / "fedavg"
+    spec = load_result(folder, "fedavg").spec
+    sites = site_splits(build_dir, profile.sites, "all")
+    inputs = np.concatenate([spec.transform(sites[s].features) for s in profile.sites]).astype(np.float64)
+    labels = np.concatenate([sites[s].labels for s in profile.sites])
+    models = [_global_model(folder, r) for r in range(1, profile.federated.rounds + 1)]
+    weight = np.stack([m[0].reshape(-1) for m in models]).astype(np.float64)
+    bias = np.array([float(m[1].ravel()[0]) for m in models])
+    p = profile.privacy
+    rows = []
+    for rounds in sorted({1, profile.federated.rounds}):
+        rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 10, rounds]))
+        for row in rc.batch_reconstruction(inputs, labels, weight[:rounds], bias[:rounds], rc.feature_levels(spec),
+                                           len(FEATURE_NAMES), tuple(p.reconstruction_batch_sizes),
+                                           p.reconstruction_batches, rng):
+            rows.append({"rounds observed": rounds, **row})
+    return pd.DataFrame(rows)
 
 
 def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
@@ -145,19 +209,21 @@ def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, 
     return {ATTACK_LABELS[a]: mi.roc_curve(s, experiment.members) for a, s in experiment.scores.items()}
 
 
-def update_table(attacks: list[UpdateAttack]) -> pd.DataFrame:
-    """Return per round and victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
+def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
+    """Return for the given rounds, per victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
     return pd.DataFrame([{
         "round": a.server_round, "victim site": a.victim,
         "D recovers the partner's model (max abs error)": f"{a.partner_recovery_error:.1e}",
         "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
         "D: AUC": round(a.other_hospital.auc, 4), "D: TPR@1%FPR": round(a.other_hospital.tpr_at[0.01][0], 4),
-    } for a in attacks])
+    } for a in attacks if a.server_round in rounds])
 
 
 def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
-            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame) -> dict:
-    """Return stage 4's summary.json: one entry per (attack, position, target model)."""
+            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame,
+            attribute: ai.AttributeInference, canary: cn.CanaryExposure, reconstruction: pd.DataFrame) -> dict:
+    """Return stage 4's summary.json: one entry per (attack, position, target model), and the attacks whose
+    metrics are not membership ROCs (attribute inference, canaries, reconstruction, per-round exposure)."""
     entries = []
     for attack, result in experiment.results.items():
         entries.append({"attack": attack, "position": "A/B: released model (scores or weights)",
@@ -168,7 +234,13 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
     for attack, result in null.items():
         entries.append({"attack": attack, "position": "null control", "target_model": "non-members only",
                         **result.as_dict()})
-    for a in attacks:
+    canary_groups = canary.as_dict()["groups"]
+    entries.append({"attack": "lira_online", "position": "canaries (worst case)",
+                    "target_model": f"federated FedAvg with {canary.canaries} canaries at {canary.site}",
+                    "auc": canary_groups["canaries"]["auc"],
+                    **{k: v for k, v in canary_groups["canaries"].items() if k.startswith("tpr_at")},
+                    "members": canary.trials["canaries"], "non_members": canary.threshold_trials})
+    for a in (a for a in attacks if a.server_round in reported_rounds(profile)):
         for position, result in (("C: server, site update", a.server), ("D: other hospital, recovered update",
                                                                           a.other_hospital)):
             entries.append({"attack": "loss_drop", "position": position,
@@ -181,12 +253,20 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
         "target_models": experiment.targets,
         "attacks": entries,
         "partner_recovery_max_error": max(a.partner_recovery_error for a in attacks),
+        "per_round_exposure": per_round_exposure(attacks).to_dict(orient="records"),
+        "attribute_inference": {"position": "A/B: released model (scores or weights)",
+                                "target_model": "federated FedAvg, pooled over targets", **attribute.as_dict()},
+        "canaries": {"attack": "lira_online", "position": "A/B: released model (scores or weights)",
+                     "target_model": "federated FedAvg with canaries, every reference pipeline in turn",
+                     **canary.as_dict()},
+        "batch_reconstruction": {
+            "attack": "gradient matching", "position": "C/D: one site's FedSGD batch gradients",
+            "numeric_tolerance_sd": rc.NUMERIC_TOLERANCE, "results": reconstruction.to_dict(orient="records")},
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
             "unit_of_privacy": "one patient",
             "points": frontier.to_dict(orient="records"),
             "any_bound_violation": bool(frontier.filter(like="violates_bound").to_numpy().any()),
         },
-        "not_yet_measured": ["client-level DP", "secure aggregation", "attribute inference", "canaries",
-                             "optimisation-based reconstruction", "LiRA and RMIA against DP models"],
+        "not_yet_measured": ["client-level DP", "secure aggregation", "LiRA and RMIA against DP models"],
     }
