@@ -111,6 +111,8 @@ class PrivacyParams(_Strict):
     dp_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.05
     dp_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.5
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # Membership attacks on DP-SGD federations: reference pipelines per noise level (DP steps are many and small).
+    dp_attack_reference_models: Annotated[int, Field(ge=8, le=4096)] = 32
     # Attribute inference: the diagnosis the attacker tries to recover (a binary cohort feature).
     sensitive_attribute: str = "renal_failure"
     # Canaries: outlier patients injected into the first site's data (at least 5, so aggregates can be shown).
@@ -134,6 +136,8 @@ class PrivacyParams(_Strict):
     def _targets_below_models(self) -> "PrivacyParams":
         if self.target_models >= self.reference_models:
             raise ValueError("target_models must be smaller than reference_models")
+        if self.target_models >= self.dp_attack_reference_models:
+            raise ValueError("target_models must be smaller than dp_attack_reference_models")
         return self
 
 

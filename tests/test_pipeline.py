@@ -147,6 +147,10 @@ def test_privacy_summary_has_every_attack_and_position(smoke_run):
     single = [r for r in summary["batch_reconstruction"]["results"]
               if r["batch_size"] == 1 and r["attacker"] == "gradient matching"]
     assert single and all(r["whole_record_matches"] == 1.0 for r in single)
+    dp = summary["dp_frontier"]
+    assert {r["attack"] for r in dp["attacks_on_dp_reference_pipelines"]} == {
+        "loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"}
+    assert dp["any_attack_bound_violation"] is False
 
 
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):

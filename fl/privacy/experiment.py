@@ -16,7 +16,8 @@ import torch
 
 from fl.data import SiteSplit
 from fl.privacy import membership as mi
-from fl.privacy.reference import BatchedModels, SiteTensors, membership_masks, train_federated
+from fl.privacy.reference import (BatchedModels, DPSGDRecipe, SiteTensors, membership_masks, train_federated,
+                                  train_federated_dp)
 
 ATTACKS = ("loss", "lira_online", "lira_offline", "rmia")
 
@@ -46,13 +47,21 @@ class MembershipExperiment:
     membership: np.ndarray | None = None  # (N, K) membership of every record (sites in name order) in every model
 
 
-def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe,
+def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe | DPSGDRecipe,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchedModels]:
-    """Return (logits (N, K), labels (N,), members (N, K), the models) of K federated models over all sites' records."""
+    """Return (logits (N, K), labels (N,), members (N, K), the models) of K federated models over all sites' records.
+
+    A `DPSGDRecipe` trains every model with DP-SGD at each site (its noise
+    drawn from a torch generator seeded from `rng`).
+    """
     tensors = {s: SiteTensors.of(d.features, d.labels) for s, d in sites.items()}
     masks = membership_masks({s: len(d) for s, d in sites.items()}, models, rng)
-    trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
-                              recipe.weight_decay, recipe.initial)
+    if isinstance(recipe, DPSGDRecipe):
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        trained = train_federated_dp(tensors, masks, recipe, generator)
+    else:
+        trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
+                                  recipe.weight_decay, recipe.initial)
     with torch.no_grad():
         logits = np.concatenate([trained.logits(tensors[s]).double().numpy() for s in sorted(sites)])
     labels = np.concatenate([sites[s].labels for s in sorted(sites)])
@@ -74,7 +83,7 @@ def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, t
     }
 
 
-def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe, seed: int,
+def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe | DPSGDRecipe, seed: int,
         population_size: int = 2000) -> MembershipExperiment:
     """Train `models` federated pipelines and attack `targets` of them; return pooled results."""
     if not 2 <= targets < models:
