@@ -21,7 +21,7 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
 from data_synth.cohort import FEATURES
-from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit
+from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, age_band
 from fl.evaluate import auroc, true_label_confidence
 from fl.privacy import membership as mi
 from fl.privacy.experiment import TrainingRecipe, train_population
@@ -46,16 +46,17 @@ def make_canaries(template: SiteSplit, count: int, rng: np.random.Generator) -> 
         if feature.kind == "binary":
             columns[feature.name] = rng.integers(0, 2, count).astype(float)
         else:
-            low, high = np.quantile(observed, EDGE_QUANTILES)
+            # Observed values, not interpolated ones: a count stays a whole number.
+            low = np.quantile(observed, EDGE_QUANTILES[0], method="lower")
+            high = np.quantile(observed, EDGE_QUANTILES[1], method="higher")
             columns[feature.name] = np.where(rng.random(count) < 0.5, low, high)
     features = pd.DataFrame(columns)[list(FEATURE_NAMES)]
     spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([template.features]))
     population = LogisticRegression(max_iter=2000).fit(spec.transform(template.features), template.labels)
     labels = 1 - population.predict(spec.transform(features)).astype(int)
-    sex = pd.Series(np.where(features["female"] == 1, "female", "male"))
-    age_band = pd.Series(pd.cut(features["age"], [0, 65, 75, 85, 200], right=False).astype(str))
-    return SiteSplit(template.site, template.split, features, labels.astype(template.labels.dtype), sex, age_band,
-                     np.zeros(count))
+    sex = pd.Series(np.where(features["female"] == 1, "women", "men"))
+    return SiteSplit(template.site, template.split, features, labels.astype(template.labels.dtype), sex,
+                     age_band(features["age"]), np.full(count, np.nan))
 
 
 def inject(sites: dict[str, SiteSplit], site: str, canaries: SiteSplit) -> tuple[dict[str, SiteSplit], np.ndarray]:
