@@ -113,6 +113,8 @@ class PrivacyParams(_Strict):
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     # Membership attacks on DP-SGD federations: reference pipelines per noise level (DP steps are many and small).
     dp_attack_reference_models: Annotated[int, Field(ge=8, le=4096)] = 32
+    # ... on this many patients per site (epsilon depends on the sampling rate and steps, not on the site's size).
+    dp_attack_patients: Annotated[int, Field(ge=50, le=1_000_000)] = 1000
     # Attribute inference: the diagnosis the attacker tries to recover (a binary cohort feature).
     sensitive_attribute: str = "renal_failure"
     # Canaries: outlier patients injected into the first site's data (at least 5, so aggregates can be shown).
