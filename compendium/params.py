@@ -111,11 +111,35 @@ class PrivacyParams(_Strict):
     dp_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.05
     dp_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.5
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # Membership attacks on DP-SGD federations: reference pipelines per noise level (DP steps are many and small).
+    dp_attack_reference_models: Annotated[int, Field(ge=8, le=4096)] = 32
+    # ... on this many patients per site (epsilon depends on the sampling rate and steps, not on the site's size).
+    dp_attack_patients: Annotated[int, Field(ge=50, le=1_000_000)] = 1000
+    # Attribute inference: the diagnosis the attacker tries to recover (a binary cohort feature).
+    sensitive_attribute: str = "renal_failure"
+    # Canaries: outlier patients injected into the first site's data (at least 5, so aggregates can be shown).
+    canaries: Annotated[int, Field(ge=5, le=1000)] = 8
+    # Gradient-matching reconstruction from FedSGD batch gradients: batch sizes, batches per size.
+    reconstruction_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=256)]], Field(min_length=1)] = [
+        1, 2, 4, 8]
+    reconstruction_batches: Annotated[int, Field(ge=5, le=1000)] = 20
+
+    @field_validator("sensitive_attribute")
+    @classmethod
+    def _binary_attribute(cls, value: str) -> str:
+        from data_synth.cohort import FEATURES
+
+        binary = [f.name for f in FEATURES if f.kind == "binary"]
+        if value not in binary:
+            raise ValueError(f"must be a binary cohort feature, one of {binary}; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _targets_below_models(self) -> "PrivacyParams":
         if self.target_models >= self.reference_models:
             raise ValueError("target_models must be smaller than reference_models")
+        if self.target_models >= self.dp_attack_reference_models:
+            raise ValueError("target_models must be smaller than dp_attack_reference_models")
         return self
 
 

@@ -223,3 +223,21 @@ def dp_frontier(frontier: pd.DataFrame, sites: tuple[str, ...]):
     right.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def per_round_exposure(table: pd.DataFrame):
+    """Return, per site, the server's (position C) membership signal in each round's update: AUC and TPR at 1% FPR."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for site, rows in table.groupby("victim site", sort=True):
+        left.plot(rows["round"], rows["C: AUC"], marker="o", markersize=3, label=site)
+        right.plot(rows["round"], rows["C: TPR@1%FPR"], marker="o", markersize=3, label=site)
+    left.axhline(0.5, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    right.axhline(0.01, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    left.set_ylabel("AUC")
+    right.set_ylabel("TPR at 1% FPR")
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.legend(fontsize="small")
+    fig.suptitle("Per-round exposure: the server's membership attack on each site's update")
+    fig.tight_layout()
+    return fig

@@ -55,6 +55,8 @@ def _write(tmp_path: Path, mutate, name: str = "custom") -> Path:
         (lambda d: d["synthetic"]["sites"].update(orebro={"overrides": {"patients": 100}}),
          "synthetic.sites.orebro", "unknown site"),
         (lambda d: d["synthetic"]["sites"].pop("sahlgrenska"), "synthetic.sites", "at least two sites"),
+        (lambda d: d["privacy"].update(sensitive_attribute="age"), "privacy.sensitive_attribute",
+         "binary cohort feature"),
     ],
 )
 def test_bad_profile_names_file_and_key(tmp_path, mutate, key, words):

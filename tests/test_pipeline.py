@@ -139,6 +139,18 @@ def test_privacy_summary_has_every_attack_and_position(smoke_run):
         for key in ("tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"):
             assert entry[key]["lower"] <= entry[key]["value"] <= entry[key]["upper"]
     assert summary["partner_recovery_max_error"] < 1e-5
+    # Per-round exposure: every round of every site; the other attacks have their own entries.
+    assert len(summary["per_round_exposure"]) == 8 * 2
+    groups = {(g["group"], g["guesser"]) for g in summary["attribute_inference"]["groups"]}
+    assert groups == {(g, k) for g in ("members", "non-members") for k in ("marginal", "population", "model")}
+    assert set(summary["canaries"]["groups"]) == {"ordinary patients", "canaries"}
+    single = [r for r in summary["batch_reconstruction"]["results"]
+              if r["batch_size"] == 1 and r["attacker"] == "gradient matching"]
+    assert single and all(r["whole_record_matches"] == 1.0 for r in single)
+    dp = summary["dp_frontier"]
+    assert {r["attack"] for r in dp["attacks_on_dp_reference_pipelines"]} == {
+        "loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"}
+    assert dp["any_attack_bound_violation"] is False
 
 
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):

@@ -1,10 +1,14 @@
-"""Privacy evaluation (stage 4, in progress): does the model or the training carry personal data?
+"""Privacy evaluation (stage 4): does the model or the training carry personal data?
 
 - `reference`: many federated models trained at once (reference models for membership inference).
 - `membership`: loss-threshold, LiRA (online, offline) and RMIA scores; ROC, AUC, TPR at low FPR.
 - `experiment`: pooled leave-one-out membership experiments and their sanity controls.
-- `reconstruction`: exact record recovery from a single-record gradient; the partner's update.
+- `reconstruction`: exact record recovery from a single-record gradient; the partner's update;
+  gradient matching on batch gradients.
+- `updates`: membership inference on each round's update (positions C and D).
+- `attribute`: attribute inference (a diagnosis from the rest of the record) against a population baseline.
+- `canaries`: injected outlier patients and their exposure (worst case).
+- `dp`: patient-level DP-SGD with Opacus and its accountant; `stage`: what the stage-4 notebook runs.
 
-Still to come (issue 6): the stage-4 notebook, attacks on per-round updates,
-attribute inference, canaries, DP-SGD with Opacus and the privacy-utility frontier.
+Still to come (issue 6): client-level DP, secure aggregation, LiRA and RMIA against the DP models.
 """

@@ -88,3 +88,10 @@ def dp_fedavg(sites: dict[str, tuple[np.ndarray, np.ndarray]], initial: list[np.
 def epsilon_bound(epsilon: float, delta: float, fpr: float) -> float:
     """Return the highest TPR any membership attack can reach at `fpr` against an (epsilon, delta)-DP model."""
     return min(1.0, float(np.exp(epsilon)) * fpr + delta)
+
+
+def accounted_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Return epsilon at `delta` after `steps` DP-SGD steps at one noise and sampling rate (Opacus's RDP accountant)."""
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return float(accountant.get_epsilon(delta))

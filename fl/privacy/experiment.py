@@ -16,7 +16,8 @@ import torch
 
 from fl.data import SiteSplit
 from fl.privacy import membership as mi
-from fl.privacy.reference import SiteTensors, membership_masks, train_federated
+from fl.privacy.reference import (BatchedModels, DPSGDRecipe, SiteTensors, membership_masks, train_federated,
+                                  train_federated_dp)
 
 ATTACKS = ("loss", "lira_online", "lira_offline", "rmia")
 
@@ -42,20 +43,30 @@ class MembershipExperiment:
     per_record: pd.DataFrame  # per-record vulnerability (aggregated over targets)
     models: int
     targets: int
+    trained: BatchedModels | None = None  # the K federated models (attribute inference queries them again)
+    membership: np.ndarray | None = None  # (N, K) membership of every record (sites in name order) in every model
 
 
-def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (logits (N, K), labels (N,), members (N, K)) of K federated models over all sites' records."""
+def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe | DPSGDRecipe,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchedModels]:
+    """Return (logits (N, K), labels (N,), members (N, K), the models) of K federated models over all sites' records.
+
+    A `DPSGDRecipe` trains every model with DP-SGD at each site (its noise
+    drawn from a torch generator seeded from `rng`).
+    """
     tensors = {s: SiteTensors.of(d.features, d.labels, d.schema) for s, d in sites.items()}
     masks = membership_masks({s: len(d) for s, d in sites.items()}, models, rng)
-    trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
-                              recipe.weight_decay, recipe.initial)
+    if isinstance(recipe, DPSGDRecipe):
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        trained = train_federated_dp(tensors, masks, recipe, generator)
+    else:
+        trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
+                                  recipe.weight_decay, recipe.initial)
     with torch.no_grad():
         logits = np.concatenate([trained.logits(tensors[s]).double().numpy() for s in sorted(sites)])
     labels = np.concatenate([sites[s].labels for s in sorted(sites)])
     members = np.concatenate([masks[s].numpy().T for s in sorted(sites)])
-    return logits, labels, members
+    return logits, labels, members, trained
 
 
 def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, target: int,
@@ -72,13 +83,13 @@ def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, t
     }
 
 
-def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe, seed: int,
+def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe | DPSGDRecipe, seed: int,
         population_size: int = 2000) -> MembershipExperiment:
     """Train `models` federated pipelines and attack `targets` of them; return pooled results."""
     if not 2 <= targets < models:
         raise ValueError(f"need 2 <= targets < models, got targets={targets}, models={models}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
-    logits, labels, members = train_population(sites, models, recipe, rng)
+    logits, labels, members, trained = train_population(sites, models, recipe, rng)
     population = rng.choice(len(labels), size=min(population_size, len(labels)), replace=False)
     pooled = {attack: [] for attack in ATTACKS}
     for target in range(targets):
@@ -88,7 +99,7 @@ def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: Training
     pooled_members = np.concatenate([members[:, t] for t in range(targets)])
     results = {attack: mi.evaluate_attack(s, pooled_members) for attack, s in scores.items()}
     per_record = vulnerability(scores["lira_online"], pooled_members, len(labels), targets)
-    return MembershipExperiment(results, scores, pooled_members, per_record, models, targets)
+    return MembershipExperiment(results, scores, pooled_members, per_record, models, targets, trained, members)
 
 
 def vulnerability(scores: np.ndarray, members: np.ndarray, records: int, targets: int) -> pd.DataFrame:

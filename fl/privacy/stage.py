@@ -13,7 +13,10 @@ from fl.flower.server_app import CHECKPOINTS, local_train_config
 from fl.flower.stage import load_result
 from fl.privacy import membership as mi
 from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, null_control, run
-from fl.privacy.updates import UpdateAttack, attack_round
+from fl.privacy import attribute as ai
+from fl.privacy import canaries as cn
+from fl.privacy import reconstruction as rc
+from fl.privacy.updates import UpdateAttack, attack_update, replay_round
 
 FEDERATED = Path("03_federated_training")
 ATTACK_LABELS = {"loss": "loss threshold", "lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)",
@@ -55,11 +58,11 @@ def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
 
 
 def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
-    """Return positions C and D attacks on the first, middle and last round, against each site.
+    """Return positions C and D attacks on every round's update of each site (replayed from the checkpoints).
 
     Position D (the other hospital subtracting its own update from the
     aggregate) recovers one partner's update only in a two-site federation;
-    with more sites it is not attacked (`attack_round` with `other_hospital=False`).
+    with more sites it is not attacked (`other_hospital` is None).
     """
     require_logistic(profile)
     folder = Path(build_dir) / FEDERATED / "fedavg"
@@ -67,15 +70,92 @@ def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
     spec = load_result(folder, "fedavg", shared_schema(train)).spec
     test = site_splits(build_dir, profile.sites, "test")
     sites = {s: (train[s], test[s]) for s in profile.sites}
-    rounds = sorted({1, max(1, profile.federated.rounds // 2), profile.federated.rounds})
     attacks = []
-    for server_round in rounds:
-        saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
-        weights = [saved["weight_0"], saved["weight_1"]]
-        for victim in profile.sites:
-            attacks.append(attack_round(weights, sites, spec, local_train_config(profile), profile.seed,
-                                        server_round, victim))
+    for server_round in range(1, profile.federated.rounds + 1):
+        weights = _global_model(folder, server_round)
+        updates = replay_round(weights, sites, spec, local_train_config(profile), profile.seed, server_round)
+        attacks.extend(attack_update(weights, updates, sites, spec, server_round, victim) for victim in profile.sites)
     return attacks
+
+
+def _global_model(folder: Path, server_round: int) -> list[np.ndarray]:
+    """Return the global model the sites start `server_round` from (the checkpoint of the round before)."""
+    saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
+    return [saved["weight_0"], saved["weight_1"]]
+
+
+def reported_rounds(profile: Profile) -> set[int]:
+    """Return the rounds whose update attacks go into the tables: the first, the middle and the last."""
+    return {1, max(1, profile.federated.rounds // 2), profile.federated.rounds}
+
+
+def per_round_exposure(attacks: list[UpdateAttack]) -> pd.DataFrame:
+    """Return per round and site the server's (C) and the other hospital's (D) AUC and TPR at 1% FPR."""
+    return pd.DataFrame([{"round": a.server_round, "victim site": a.victim,
+                          "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
+                          "D: AUC": round(a.other_hospital.auc, 4) if a.other_hospital else None,
+                          "D: TPR@1%FPR": round(a.other_hospital.tpr_at[0.01][0], 4) if a.other_hospital else None}
+                         for a in attacks])
+
+
+#: Why attribute inference and canaries are not run on a provided dataset.
+SYNTHETIC_ONLY = ("not run on provided data: the attack is built on the synthetic cohort's feature definitions "
+                  "(its diagnosis columns, the canaries' value ranges)")
+
+
+def attribute_inference(profile: Profile, build_dir: Path,
+                        experiment: MembershipExperiment) -> ai.AttributeInference | None:
+    """Return attribute inference of the profile's sensitive diagnosis against the membership experiment's targets.
+
+    None on a provided dataset (`SYNTHETIC_ONLY` says why).
+    """
+    if profile.dataset is not None:
+        return None
+    sites = site_splits(build_dir, profile.sites, "all")
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 9]))
+    return ai.run(experiment.trained, experiment.membership, sites, profile.privacy.sensitive_attribute,
+                  experiment.targets, rng)
+
+
+def canary_exposure(profile: Profile, build_dir: Path) -> cn.CanaryExposure | None:
+    """Return the exposure of canaries injected into the first site, against every reference pipeline.
+
+    None on a provided dataset (`SYNTHETIC_ONLY` says why).
+    """
+    require_logistic(profile)
+    if profile.dataset is not None:
+        return None
+    sites = site_splits(build_dir, profile.sites, "all")
+    p = profile.privacy
+    return cn.run(sites, profile.sites[0], p.canaries, p.reference_models,
+                  recipe(profile, shared_schema(sites).n_inputs), profile.seed)
+
+
+def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
+    """Return gradient-matching reconstruction from FedSGD batch gradients, after one round and after all rounds.
+
+    The models the gradients are taken at are the FedAvg run's global models
+    of those rounds; the batches are drawn from all patients (model inputs
+    standardised with the federated statistics).
+    """
+    require_logistic(profile)
+    folder = Path(build_dir) / FEDERATED / "fedavg"
+    sites = site_splits(build_dir, profile.sites, "all")
+    spec = load_result(folder, "fedavg", shared_schema(sites)).spec
+    inputs = np.concatenate([spec.transform(sites[s].features) for s in profile.sites]).astype(np.float64)
+    labels = np.concatenate([sites[s].labels for s in profile.sites])
+    models = [_global_model(folder, r) for r in range(1, profile.federated.rounds + 1)]
+    weight = np.stack([m[0].reshape(-1) for m in models]).astype(np.float64)
+    bias = np.array([float(m[1].ravel()[0]) for m in models])
+    p = profile.privacy
+    rows = []
+    for rounds in sorted({1, profile.federated.rounds}):
+        rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 10, rounds]))
+        for row in rc.batch_reconstruction(inputs, labels, weight[:rounds], bias[:rounds], rc.feature_levels(spec),
+                                           len(spec.schema.features), tuple(p.reconstruction_batch_sizes),
+                                           p.reconstruction_batches, rng):
+            rows.append({"rounds observed": rounds, **row})
+    return pd.DataFrame(rows)
 
 
 def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
@@ -124,6 +204,52 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
+    """Return, per DP noise level and attack, the membership attacks against DP-SGD-trained federations
+    (batched reference pipelines, as for the non-private model) and the bound their epsilon implies."""
+    from fl.privacy.dp import accounted_epsilon, epsilon_bound
+    from fl.privacy.reference import DPSGDRecipe
+
+    require_logistic(profile)
+    p, f = profile.privacy, profile.federated
+    # A random subsample of each site keeps the many small DP steps affordable; the bound is unchanged,
+    # since epsilon depends on the sampling rate and the number of steps, not on how many patients there are.
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 11]))
+    sites = {s: d.take(np.sort(rng.choice(len(d), min(p.dp_attack_patients, len(d)), replace=False)))
+             for s, d in site_splits(build_dir, profile.sites, "all").items()}
+    start = recipe(profile, shared_schema(sites).n_inputs).initial
+    rows = []
+    for noise in p.dp_noise_multipliers:
+        dp = DPSGDRecipe(f.rounds, 1, noise, p.dp_max_grad_norm, p.dp_sample_rate, p.dp_learning_rate, start)
+        experiment = run(sites, p.dp_attack_reference_models, p.target_models, dp, profile.seed, p.population_size)
+        # Each site's accountant: Poisson rate 1 / steps, steps per epoch times epochs times rounds.
+        epsilon = max(accounted_epsilon(noise, 1 / steps, steps * dp.local_epochs * dp.rounds, p.dp_delta)
+                      for steps in experiment.trained.dp_steps.values())
+        for attack, result in experiment.results.items():
+            row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": p.dp_delta,
+                   "attack": ATTACK_LABELS[attack], "auc": round(result.auc, 4)}
+            for fpr, (tpr, low, high) in result.tpr_at.items():
+                bound = epsilon_bound(epsilon, p.dp_delta, fpr)
+                label = f"{fpr * 100:g}pct_fpr"
+                row |= {f"tpr_at_{label}": round(tpr, 5), f"tpr_lower_at_{label}": round(low, 5),
+                        f"tpr_upper_at_{label}": round(high, 5), f"bound_at_{label}": round(bound, 5),
+                        f"violates_bound_at_{label}": bool(low > bound)}
+            rows.append(row | {"members": result.members, "non_members": result.non_members,
+                               "patients_per_site": {s: len(d) for s, d in sites.items()}})
+    return pd.DataFrame(rows)
+
+
+def dp_attack_table(dp_attacks: pd.DataFrame) -> pd.DataFrame:
+    """Return per noise level and attack: epsilon, AUC, TPR at 1% FPR (95% CI) and the bound epsilon implies."""
+    return pd.DataFrame({
+        "noise multiplier": dp_attacks["noise_multiplier"], "epsilon": dp_attacks["epsilon"],
+        "attack": dp_attacks["attack"], "AUC": dp_attacks["auc"],
+        "TPR@1%FPR": [f"{v:.4f} ({lo:.4f}-{hi:.4f})" for v, lo, hi in dp_attacks[
+            ["tpr_at_1pct_fpr", "tpr_lower_at_1pct_fpr", "tpr_upper_at_1pct_fpr"]].to_numpy()],
+        "bound at 1% FPR": dp_attacks["bound_at_1pct_fpr"],
+        "bound violated": dp_attacks["violates_bound_at_1pct_fpr"] | dp_attacks["violates_bound_at_0.1pct_fpr"]})
+
+
 def results_table(experiment: MembershipExperiment, position: str) -> pd.DataFrame:
     """Return one row per attack: AUC, TPR at 0.1% and 1% FPR with 95% CIs, trials."""
     rows = []
@@ -153,8 +279,8 @@ def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, 
     return {ATTACK_LABELS[a]: mi.roc_curve(s, experiment.members) for a, s in experiment.scores.items()}
 
 
-def update_table(attacks: list[UpdateAttack]) -> pd.DataFrame:
-    """Return per round and victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
+def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
+    """Return for the given rounds, per victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
     def d(a: UpdateAttack, value) -> object:
         return value(a) if a.other_hospital is not None else "not applicable (more than two sites)"
 
@@ -164,12 +290,15 @@ def update_table(attacks: list[UpdateAttack]) -> pd.DataFrame:
         "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
         "D: AUC": d(a, lambda a: round(a.other_hospital.auc, 4)),
         "D: TPR@1%FPR": d(a, lambda a: round(a.other_hospital.tpr_at[0.01][0], 4)),
-    } for a in attacks])
+    } for a in attacks if a.server_round in rounds])
 
 
 def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
-            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame) -> dict:
-    """Return stage 4's summary.json: one entry per (attack, position, target model)."""
+            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame,
+            attribute: ai.AttributeInference, canary: cn.CanaryExposure, reconstruction: pd.DataFrame,
+            dp_attacks: pd.DataFrame) -> dict:
+    """Return stage 4's summary.json: one entry per (attack, position, target model), and the attacks whose
+    metrics are not membership ROCs (attribute inference, canaries, reconstruction, per-round exposure)."""
     entries = []
     for attack, result in experiment.results.items():
         entries.append({"attack": attack, "position": "A/B: released model (scores or weights)",
@@ -180,7 +309,14 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
     for attack, result in null.items():
         entries.append({"attack": attack, "position": "null control", "target_model": "non-members only",
                         **result.as_dict()})
-    for a in attacks:
+    if canary is not None:
+        canary_groups = canary.as_dict()["groups"]
+        entries.append({"attack": "lira_online", "position": "canaries (worst case)",
+                        "target_model": f"federated FedAvg with {canary.canaries} canaries at {canary.site}",
+                        "auc": canary_groups["canaries"]["auc"],
+                        **{k: v for k, v in canary_groups["canaries"].items() if k.startswith("tpr_at")},
+                        "members": canary.trials["canaries"], "non_members": canary.threshold_trials})
+    for a in (a for a in attacks if a.server_round in reported_rounds(profile)):
         for position, result in (("C: server, site update", a.server), ("D: other hospital, recovered update",
                                                                           a.other_hospital)):
             if result is None:
@@ -196,12 +332,23 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
         "attacks": entries,
         "partner_recovery_max_error": (max(a.partner_recovery_error for a in attacks)
                                        if all(a.other_hospital is not None for a in attacks) else None),
+        "per_round_exposure": per_round_exposure(attacks).to_dict(orient="records"),
+        "attribute_inference": {"position": "A/B: released model (scores or weights)",
+                                "target_model": "federated FedAvg, pooled over targets", **attribute.as_dict()}
+        if attribute is not None else {"not_run": SYNTHETIC_ONLY},
+        "canaries": {"attack": "lira_online", "position": "A/B: released model (scores or weights)",
+                     "target_model": "federated FedAvg with canaries, every reference pipeline in turn",
+                     **canary.as_dict()} if canary is not None else {"not_run": SYNTHETIC_ONLY},
+        "batch_reconstruction": {
+            "attack": "gradient matching", "position": "C/D: one site's FedSGD batch gradients",
+            "numeric_tolerance_sd": rc.NUMERIC_TOLERANCE, "results": reconstruction.to_dict(orient="records")},
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
             "unit_of_privacy": "one patient",
             "points": frontier.to_dict(orient="records"),
             "any_bound_violation": bool(frontier.filter(like="violates_bound").to_numpy().any()),
+            "attacks_on_dp_reference_pipelines": dp_attacks.to_dict(orient="records"),
+            "any_attack_bound_violation": bool(dp_attacks.filter(like="violates_bound").to_numpy().any()),
         },
-        "not_yet_measured": ["client-level DP", "secure aggregation", "attribute inference", "canaries",
-                             "optimisation-based reconstruction", "LiRA and RMIA against DP models"],
+        "not_yet_measured": ["client-level DP", "secure aggregation"],
     }

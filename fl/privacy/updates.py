@@ -16,7 +16,7 @@ import pandas as pd
 
 from fl.data import PreprocessingSpec, SiteSplit
 from fl.evaluate import record_loss
-from fl.federated import local_update, predict_logits, round_seed, weighted_average
+from fl.federated import LocalResult, local_update, predict_logits, round_seed, weighted_average
 from fl.privacy import membership as mi
 from fl.privacy.reconstruction import partner_update
 from fl.train import TrainConfig
@@ -42,18 +42,22 @@ class UpdateAttack:
     other_hospital: mi.AttackResult | None  # position D: the update recovered from the aggregate (two sites only)
 
 
-def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
-                 spec: PreprocessingSpec, config: TrainConfig, seed: int, server_round: int,
-                 victim: str) -> UpdateAttack:
-    """Replay one FedAvg round from `global_weights` and attack `victim`'s update from positions C and D.
+def replay_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
+                 spec: PreprocessingSpec, config: TrainConfig, seed: int, server_round: int) -> dict[str, LocalResult]:
+    """Return every site's update in one FedAvg round from `global_weights` (the site's own seeded training)."""
+    return {name: local_update("logistic", (), global_weights, spec.transform(train.features), train.labels, config,
+                               round_seed(seed, name, server_round))
+            for name, (train, _) in sorted(sites.items())}
+
+
+def attack_update(global_weights: list[np.ndarray], updates: dict[str, LocalResult],
+                  sites: dict[str, tuple[SiteSplit, SiteSplit]], spec: PreprocessingSpec, server_round: int,
+                  victim: str) -> UpdateAttack:
+    """Return positions C and D attacks on `victim`'s update among one round's `updates`.
 
     `sites[name]` is (train split, test split); the victim's train rows are
     the members, its test rows the non-members.
     """
-    updates = {}
-    for name, (train, _) in sorted(sites.items()):
-        updates[name] = local_update("logistic", (), global_weights, spec.transform(train.features), train.labels,
-                                     config, round_seed(seed, name, server_round))
     train, test = sites[victim]
     features = spec.transform(pd.concat([train.features, test.features], ignore_index=True))
     labels = np.concatenate([train.labels, test.labels])
@@ -71,3 +75,10 @@ def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSp
     other = mi.evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
     return UpdateAttack(server_round, victim, error, server, other)
 
+
+def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
+                 spec: PreprocessingSpec, config: TrainConfig, seed: int, server_round: int,
+                 victim: str) -> UpdateAttack:
+    """Replay one FedAvg round from `global_weights` and attack `victim`'s update from positions C and D."""
+    updates = replay_round(global_weights, sites, spec, config, seed, server_round)
+    return attack_update(global_weights, updates, sites, spec, server_round, victim)

@@ -1,0 +1,139 @@
+"""Attribute inference, canaries and batch reconstruction: each shown to succeed where it must and not elsewhere."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fl.data import FEATURE_NAMES, MODEL_INPUTS, FeatureStatistics, PreprocessingSpec, load_site
+from fl.federated import initial_weights
+from fl.privacy import attribute as ai
+from fl.privacy import canaries as cn
+from fl.privacy import membership as mi
+from fl.privacy import reconstruction as rc
+from fl.privacy.experiment import TrainingRecipe, run
+from synthetic_sites import build_sites
+
+OVERFIT = dict(rounds=10, local_epochs=100, learning_rate=0.2, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
+    return {site: load_site(folder, "all") for site, folder in folders.items()}
+
+
+def _start():
+    weights = initial_weights("logistic", MODEL_INPUTS, (), seed=1)
+    return weights[0], weights[1]
+
+
+def _gain(result: ai.AttributeInference, group: str) -> float:
+    return result.results[(group, "model")].auc - result.results[(group, "population")].auc
+
+
+def test_attribute_inference_on_an_overfit_model_exposes_members_not_non_members(sites):
+    """40 patients per site, trained to memorise; the attacker's population is the other patients."""
+    tiny = {s: d.take(np.arange(40)) for s, d in sites.items()}
+    rest = {s: d.take(np.arange(40, len(d))) for s, d in sites.items()}
+    experiment = run(tiny, models=64, targets=32, recipe=TrainingRecipe(**OVERFIT, initial=_start()), seed=4,
+                     population_size=80)
+    result = ai.run(experiment.trained, experiment.membership, tiny, "diabetes", 32, np.random.default_rng(0),
+                    population=rest)
+    # The model helps on members beyond the population baseline, and far more than on non-members.
+    assert _gain(result, "members") > 0.0
+    assert _gain(result, "members") - _gain(result, "non-members") > 0.08
+    members = result.results[("members", "model")]
+    assert members.trials + result.results[("non-members", "model")].trials == 32 * 80
+    assert members.accuracy_ci[0] <= members.accuracy <= members.accuracy_ci[1]
+
+
+def test_attribute_inference_on_a_regularised_model_is_no_worse_for_members(sites):
+    experiment = run(sites, models=16, targets=4, recipe=TrainingRecipe(5, 3, 0.05, 1e-4, _start()), seed=2,
+                     population_size=500)
+    result = ai.run(experiment.trained, experiment.membership, sites, "renal_failure", 4, np.random.default_rng(0))
+    # What the model adds is population knowledge: the same for members and non-members.
+    assert abs(_gain(result, "members") - _gain(result, "non-members")) < 0.03
+    # The marginal guesser always says "no": accuracy one minus prevalence, AUC one half.
+    marginal = result.results[("non-members", "marginal")]
+    assert marginal.auc == pytest.approx(0.5)
+    assert result.results[("non-members", "population")].auc > 0.6  # the diagnosis is predictable from the rest
+    with pytest.raises(ValueError, match="binary feature"):
+        ai.run(experiment.trained, experiment.membership, sites, "age", 4, np.random.default_rng(0))
+
+
+def test_leave_one_out_lira_equals_lira_against_each_target():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(30, 12))
+    labels = rng.integers(0, 2, 30)
+    members = rng.random((30, 12)) < 0.5
+    scores = cn.leave_one_out_lira(logits, labels, members)
+    for target in (0, 5, 11):
+        others = np.delete(np.arange(12), target)
+        expected = mi.lira_scores(logits[:, target], labels, logits[:, others], members[:, others], online=True)
+        np.testing.assert_allclose(scores[:, target], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_canaries_are_valid_values_in_implausible_combinations(sites):
+    canaries = cn.make_canaries(sites["halland"], 20, np.random.default_rng(0))
+    assert list(canaries.features.columns) == list(FEATURE_NAMES) and len(canaries) == 20
+    observed = sites["halland"].features
+    for name in FEATURE_NAMES:
+        values = canaries.features[name].to_numpy()
+        assert np.isin(values, observed[name].dropna().unique()).all(), name  # each value occurs at the site
+    assert set(np.unique(canaries.labels)) <= {0, 1}
+    joined, mask = cn.inject(sites, "halland", canaries)
+    assert mask.sum() == 20 and len(joined["halland"]) == len(sites["halland"]) + 20
+    assert mask[: len(sites["halland"])].sum() == 0  # halland comes first in name order; canaries at its end
+
+
+def test_canaries_in_an_overfit_federation_are_exposed_far_above_ordinary_patients(sites):
+    tiny = {s: d.take(np.arange(40)) for s, d in sites.items()}
+    exposure = cn.run(tiny, "halland", 8, 64, TrainingRecipe(**OVERFIT, initial=_start()), seed=3)
+    canary, ordinary = exposure.tpr_at["canaries"][0.01], exposure.tpr_at["ordinary patients"][0.01]
+    assert canary[1] > ordinary[2]  # the canaries' lower bound above the ordinary patients' upper bound
+    assert canary[0] > 3 * ordinary[0]
+    assert exposure.canary_rank > 0.75
+    assert exposure.trials["canaries"] == 8 * 64 // 2
+
+
+def _population_inputs(sites):
+    features = pd.concat([d.features for d in sites.values()], ignore_index=True)
+    labels = np.concatenate([d.labels for d in sites.values()])
+    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([features]))
+    return spec, spec.transform(features).astype(np.float64), labels
+
+
+def test_gradient_matching_recovers_a_small_batch_seen_over_several_rounds(sites):
+    spec, inputs, labels = _population_inputs(sites)
+    rng = np.random.default_rng(11)
+    weight, bias = rng.normal(0, 0.3, size=(8, MODEL_INPUTS)), rng.normal(0, 0.3, size=8)
+    rows = pd.DataFrame(rc.batch_reconstruction(inputs, labels, weight, bias, rc.feature_levels(spec),
+                                                len(FEATURE_NAMES), (1, 2), 6, rng)).set_index(
+        ["batch_size", "attacker"])
+    for size in (1, 2):
+        matched = rows.loc[(size, "gradient matching")]
+        assert matched["whole_record_matches"] >= 5 / 6, size
+        assert matched["binary_feature_accuracy"] > 0.98 and matched["numeric_feature_accuracy"] > 0.9
+        assert rows.loc[(size, "population marginals"), "whole_record_matches"] == 0.0
+
+
+def test_one_batch_gradient_hides_a_batch_but_not_a_single_record(sites):
+    spec, inputs, labels = _population_inputs(sites)
+    rng = np.random.default_rng(12)
+    weight, bias = rng.normal(0, 0.3, size=(1, MODEL_INPUTS)), rng.normal(0, 0.3, size=1)
+    rows = pd.DataFrame(rc.batch_reconstruction(inputs, labels, weight, bias, rc.feature_levels(spec),
+                                                len(FEATURE_NAMES), (1, 8), 6, rng)).set_index(
+        ["batch_size", "attacker"])
+    assert rows.loc[(1, "gradient matching"), "whole_record_matches"] == 1.0
+    # Eight records behind one gradient of d + 1 numbers: numeric values no better than guessing.
+    assert rows.loc[(8, "gradient matching"), "whole_record_matches"] == 0.0
+    assert rows.loc[(8, "gradient matching"), "numeric_feature_accuracy"] < 0.5
+
+
+def test_match_records_pairs_guesses_with_records_in_any_order():
+    levels = np.array([[0.0, 1.0], [np.nan, np.nan]])
+    truth = np.array([[[1.0, 0.3], [0.0, -2.0]]])
+    guess = np.array([[[0.1, -2.1], [0.8, 0.9]]])  # swapped; the second guess's numeric value is off by 0.6
+    recovered = rc.match_records(guess, truth, levels)
+    np.testing.assert_array_equal(recovered, [[[True, False], [True, True]]])
