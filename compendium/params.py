@@ -111,6 +111,10 @@ class PrivacyParams(_Strict):
     dp_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.05
     dp_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.5
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # Client-level DP (Flower's server-side clipping wrapper): unit of privacy one hospital, same delta.
+    client_dp_noise_multipliers: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1)] = [
+        0.5, 1.0, 2.0, 4.0]
+    client_dp_clipping_norm: Annotated[float, Field(gt=0, le=100)] = 0.5
     # Membership attacks on DP-SGD federations: reference pipelines per noise level (DP steps are many and small).
     dp_attack_reference_models: Annotated[int, Field(ge=8, le=4096)] = 32
     # ... on this many patients per site (epsilon depends on the sampling rate and steps, not on the site's size).

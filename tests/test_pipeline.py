@@ -151,6 +151,10 @@ def test_privacy_summary_has_every_attack_and_position(smoke_run):
     assert {r["attack"] for r in dp["attacks_on_dp_reference_pipelines"]} == {
         "loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"}
     assert dp["any_attack_bound_violation"] is False
+    client = summary["client_level_dp"]
+    assert [point["noise_multiplier"] for point in client["points"]] == [0.0, 1.0]  # no DP, then smoke's level
+    assert client["points"][0]["epsilon"] is None and client["points"][1]["epsilon"] > 0
+    assert client["unit_of_privacy"].startswith("one hospital")
 
 
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):

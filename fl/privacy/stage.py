@@ -12,6 +12,7 @@ from fl.federated import initial_weights
 from fl.flower.server_app import CHECKPOINTS, local_train_config
 from fl.flower.stage import load_result
 from fl.privacy import membership as mi
+from fl.privacy import client_dp as cdp
 from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, null_control, run
 from fl.privacy import attribute as ai
 from fl.privacy import canaries as cn
@@ -204,6 +205,23 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def client_dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
+    """Return the client-level DP frontier: per noise level (0 = no DP), epsilon for one hospital and each site's AUROC.
+
+    Each point re-runs the FedAvg federation through the pilot's Flower apps
+    with Flower's server-side clipping wrapper (fl.privacy.client_dp).
+    """
+    import tempfile
+
+    from fl.data import site_dir
+    from fl.privacy.client_dp import client_level_frontier
+
+    p = profile.privacy
+    with tempfile.TemporaryDirectory(prefix="client-dp-") as runs:
+        return client_level_frontier(profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
+                                     list(p.client_dp_noise_multipliers), p.client_dp_clipping_norm, p.dp_delta)
+
+
 def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     """Return, per DP noise level and attack, the membership attacks against DP-SGD-trained federations
     (batched reference pipelines, as for the non-private model) and the bound their epsilon implies."""
@@ -296,7 +314,7 @@ def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
 def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
             null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame,
             attribute: ai.AttributeInference, canary: cn.CanaryExposure, reconstruction: pd.DataFrame,
-            dp_attacks: pd.DataFrame) -> dict:
+            dp_attacks: pd.DataFrame, client_dp: pd.DataFrame) -> dict:
     """Return stage 4's summary.json: one entry per (attack, position, target model), and the attacks whose
     metrics are not membership ROCs (attribute inference, canaries, reconstruction, per-round exposure)."""
     entries = []
@@ -342,6 +360,13 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
         "batch_reconstruction": {
             "attack": "gradient matching", "position": "C/D: one site's FedSGD batch gradients",
             "numeric_tolerance_sd": rc.NUMERIC_TOLERANCE, "results": reconstruction.to_dict(orient="records")},
+        "client_level_dp": {
+            "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping around unweighted FedAvg",
+            "unit_of_privacy": cdp.UNIT, "accountant": cdp.ACCOUNTANT,
+            "clipping_norm": profile.privacy.client_dp_clipping_norm,
+            "points": [{k: (None if isinstance(v, float) and np.isinf(v) else v) for k, v in row.items()}
+                       for row in client_dp.to_dict(orient="records")],
+        },
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
             "unit_of_privacy": "one patient",
