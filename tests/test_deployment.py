@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,21 @@ from fl.flower.protocol import dp_entries
 from fl.flower.server_app import CHECKPOINTS
 from synthetic_sites import build_sites
 
-pytestmark = pytest.mark.integration
+# One worker runs them one after another: each starts several processes on a 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("deployment")]
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_running():
-    """Fail (and clean up) if any process a federation started outlives the test."""
-    yield
-    leftovers = dep.processes_with_marker()
+def nothing_left_running(monkeypatch):
+    """Fail (and clean up) if any process this test's federations started outlives the test.
+
+    Every process started from here inherits a marker unique to the test, so
+    the check never touches another test's (or a user's) federation.
+    """
+    marker = f"test-{uuid.uuid4().hex[:12]}-"
+    monkeypatch.setenv(dep.MARKER, marker)
+    yield marker
+    leftovers = dep.processes_with_marker(marker)
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"processes left running after the test: {leftovers}"
@@ -89,7 +97,7 @@ def _assert_same_model(folder: Path, reference_weights: list[np.ndarray], tolera
         np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
 
 
-def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_node(tmp_path):
+def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_node(tmp_path, nothing_left_running):
     """Smoke profile end to end on SuperLink + 2 SuperNodes with TLS; an intruder is turned away meanwhile."""
     params = _profile_file(tmp_path / "params")
     profile = load_params(params)
@@ -114,10 +122,11 @@ def test_the_deployment_run_equals_the_simulation_and_refuses_an_unregistered_no
                  "--node-config", f'site="halland" site-dir="{sites["halland"]}" confine=true', "--port",
                  str(dep.free_port())],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "FLWR_HOME": str(tmp_path / "intruder_home"), dep.MARKER: "intruder",
+                env={**os.environ, "FLWR_HOME": str(tmp_path / "intruder_home"),
+                     dep.MARKER: f"{nothing_left_running}intruder",
                      "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         intruder_exit = intruder.wait(timeout=120)
-        for pid in dep.processes_with_marker("intruder"):  # its SuperExec helper
+        for pid in dep.processes_with_marker(f"{nothing_left_running}intruder"):  # its SuperExec helper
             os.kill(pid, signal.SIGKILL)
         out, err = launcher.communicate(timeout=900)
     assert intruder_exit != 0

@@ -130,7 +130,8 @@ class LocalFederation:
 
     state_dir: Path
     sites: dict[str, Path]
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Under a launcher that itself carries the marker (the tests), the token is nested under it.
+    token: str = field(default_factory=lambda: os.environ.get(MARKER, "") + uuid.uuid4().hex)
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -315,9 +316,9 @@ class LocalFederation:
         self.stop()
 
 
-def processes_with_marker(token: str | None = None) -> list[int]:
-    """Return live PIDs whose environment carries MARKER=token (any federation's if token is None)."""
-    needle = f"{MARKER}={token}".encode() if token else f"{MARKER}=".encode()
+def processes_with_marker(prefix: str) -> list[int]:
+    """Return live PIDs whose environment carries MARKER=<a token starting with `prefix`>."""
+    needle = f"{MARKER}={prefix}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -327,7 +328,7 @@ def processes_with_marker(token: str | None = None) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(v == needle or (not token and v.startswith(needle)) for v in environ.split(b"\0")):
+        if state != "Z" and any(v.startswith(needle) for v in environ.split(b"\0")):
             found.append(int(entry.name))
     return found
 
