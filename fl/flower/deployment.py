@@ -47,7 +47,8 @@ from compendium.artifacts import relative, replace_folder, write_json
 from compendium.params import REPO_ROOT, ParamsError, build_name, load_params, profile_path
 from fl.data import site_dir
 from fl.flower.credentials import Credentials, make_credentials
-from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint)
+from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint,
+                                  saved_weights)
 
 #: Every process a federation starts carries this variable (inherited by Flower's own
 #: child processes, even detached ones), so `stop` finds and ends all of them.
@@ -325,10 +326,9 @@ def processes_with_marker(prefix: str) -> list[int]:
             continue
         try:
             environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(v.startswith(needle) for v in environ.split(b"\0")):
+        if any(v.startswith(needle) for v in environ.split(b"\0")) and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -482,8 +482,7 @@ def collect(build_dir: Path, state: Path, summary: dict) -> Path:
 
 def final_weights(folder: Path) -> list[np.ndarray]:
     """Return the final model's weight arrays saved in a run folder."""
-    saved = np.load(Path(folder) / FINAL_MODEL_FILE)
-    return [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
+    return saved_weights(np.load(Path(folder) / FINAL_MODEL_FILE))
 
 
 def _version(package: str) -> str | None:

@@ -184,14 +184,11 @@ def make_strategy(name: str, profile: Profile, n_sites: int, client_dp: ClientLe
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
                   min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
     f = profile.federated
-    if client_dp is not None:
-        if name != "fedavg":
-            raise FederationError(f"client-level DP wraps FedAvg only, not {name!r}")
-        inner = ResumableFedAvg(**common, weighted_by_key=p.CLIENT_WEIGHT)
-        inner.n_sites, inner.site_timeout = n_sites, f.round_timeout_s
-        return SeededClientLevelDP(inner, client_dp, n_sites, profile.seed)
+    if client_dp is not None and name != "fedavg":
+        raise FederationError(f"client-level DP wraps FedAvg only, not {name!r}")
     if name == "fedavg":
-        strategy = ResumableFedAvg(**common)
+        # Under client-level DP every site weighs the same (the wrapper's sensitivity is C/n).
+        strategy = ResumableFedAvg(**common, weighted_by_key=p.CLIENT_WEIGHT if client_dp else p.NUM_EXAMPLES)
     elif name == "fedprox":
         strategy = ResumableFedProx(**common, proximal_mu=f.proximal_mu)
     elif name == "fedadam":
@@ -199,7 +196,12 @@ def make_strategy(name: str, profile: Profile, n_sites: int, client_dp: ClientLe
     else:
         raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox or fedadam")
     strategy.n_sites, strategy.site_timeout = n_sites, f.round_timeout_s
-    return strategy
+    return SeededClientLevelDP(strategy, client_dp, n_sites, profile.seed) if client_dp else strategy
+
+
+def saved_weights(saved) -> list[np.ndarray]:
+    """Return the model's weight arrays from a loaded checkpoint or final-model file (weight_0, weight_1, ...)."""
+    return [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
 
 
 def latest_checkpoint(output_dir: Path) -> int:
@@ -327,7 +329,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
     strategy = make_strategy(strategy_name, profile, n_sites, client_dp)
     if done:
         saved = np.load(output_dir / CHECKPOINTS / f"round_{done:03d}.npz")
-        start = [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
+        start = saved_weights(saved)
         strategy.load_state(saved)
         strategy.round_offset = done
     else:

@@ -53,10 +53,10 @@ def run_strategy(profile: Profile, params_file: Path, strategy: str, build_dir: 
 def load_result(folder: Path, strategy: str, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> FederationResult:
     """Return a FederationResult read back from a strategy's output folder (features as in `schema`)."""
     from fl.data import PreprocessingSpec
-    from fl.flower.server_app import FINAL_MODEL_FILE, HISTORY_FILE
+    from fl.flower.server_app import FINAL_MODEL_FILE, HISTORY_FILE, saved_weights
 
     saved = np.load(folder / FINAL_MODEL_FILE)
-    weights = [saved[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in saved.files))]
+    weights = saved_weights(saved)
     spec = PreprocessingSpec(saved["spec_mean"], saved["spec_std"], schema)
     history = json.loads((folder / HISTORY_FILE).read_text())
     return FederationResult(strategy, weights, spec, history, {}, float("nan"), float("nan"))
