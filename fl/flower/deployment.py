@@ -274,17 +274,26 @@ class LocalFederation:
         """
         deadline = time.monotonic() + timeout
         while stream.exit_code() is None:
-            for role in watched:
-                code = self.services[role].exit_code()
-                if code is not None:
-                    if self.services["superlink"].exit_code() is None:
-                        self.flwr("stop", str(run_id), CONNECTION, timeout=60)
-                    return "fault", f"{role} (pid {self.services[role].pid}) exited with code {code} during the run"
+            if fault := self._fault(run_id, watched):
+                return fault
             if time.monotonic() > deadline:
                 self.flwr("stop", str(run_id), CONNECTION, timeout=60)
                 return "timeout", f"the run did not finish within {timeout:.0f} s"
             time.sleep(0.5)
-        return self.status(run_id)
+        # The stream also ends when the SuperLink dies, possibly between two
+        # looks above: a dead watched process is the cause, not the run.
+        time.sleep(1)
+        return self._fault(run_id, watched) or self.status(run_id)
+
+    def _fault(self, run_id: int, watched: list[str]) -> tuple[str, str] | None:
+        """Return ("fault", message) for the first watched process that has exited, else None."""
+        for role in watched:
+            code = self.services[role].exit_code()
+            if code is not None:
+                if self.services["superlink"].exit_code() is None:
+                    self.flwr("stop", str(run_id), CONNECTION, timeout=60)
+                return "fault", f"{role} (pid {self.services[role].pid}) exited with code {code} during the run"
+        return None
 
     # --- cleaning up ----------------------------------------------------
     def stop(self, grace: float = 10) -> list[int]:
