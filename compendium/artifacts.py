@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -53,8 +54,12 @@ def replace_folder(staging: Path, target: Path) -> Path:
 
 
 def write_json(target: Path, data) -> Path:
-    """Write `data` as stable, indented JSON (sorted keys) atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """Write `data` as stable, indented JSON (sorted keys) atomically.
+
+    JSON has no NaN or Infinity: a number that is not finite (a metric that
+    is not estimable, an epsilon without noise) is written as null.
+    """
+    text = json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
     return atomic_write(target, lambda tmp: tmp.write_text(text))
 
 
@@ -77,6 +82,19 @@ def save_arrays(target: Path, **arrays) -> Path:
                 archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
 
     return atomic_write(Path(target), write)
+
+
+def _finite(value):
+    """Return `value` with every non-finite float (Python or NumPy) replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # a NumPy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value):

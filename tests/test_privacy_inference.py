@@ -46,6 +46,35 @@ def test_attribute_inference_on_an_overfit_model_exposes_members_not_non_members
     members = result.results[("members", "model")]
     assert members.trials + result.results[("non-members", "model")].trials == 32 * 80
     assert members.accuracy_ci[0] <= members.accuracy <= members.accuracy_ci[1]
+    assert members.patients == 80  # every patient is a member of some of the 32 targets
+    assert result.gain_ci["members"][0] > 0.0  # the member gain's interval excludes zero
+
+
+def test_weighted_auc_equals_roc_auc_with_repeated_rows_and_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, 200).astype(float)  # many ties
+    truth = rng.random(200) < 0.3
+    weights = rng.integers(0, 4, 200)
+    repeated = np.repeat(np.arange(200), weights)
+    assert ai.RankedScores(scores, truth).auc(weights) == pytest.approx(roc_auc_score(truth[repeated], scores[repeated]))
+    assert np.isnan(ai.RankedScores(scores, np.zeros(200, bool)).auc(np.ones(200)))
+
+
+def test_patient_bootstrap_intervals_widen_when_trials_repeat_patients():
+    """The same trials counted once per target model must not look like more evidence."""
+    rng = np.random.default_rng(5)
+    truth = rng.random(300) < 0.4
+    scores = truth + rng.normal(size=300)
+    resampled = rng.multinomial(300, np.full(300, 1 / 300), size=ai.BOOTSTRAP)
+    once, _ = ai.evaluate_guesses(scores, truth, np.arange(300), resampled)
+    tiled, _ = ai.evaluate_guesses(np.tile(scores, 8), np.tile(truth, 8), np.tile(np.arange(300), 8), resampled)
+    assert tiled.trials == 8 * once.trials and tiled.patients == once.patients == 300
+    assert tiled.auc == pytest.approx(once.auc)
+    # Eight copies of each patient carry the information of one: the interval stays as wide.
+    assert tiled.auc_ci == pytest.approx(once.auc_ci)
+    assert once.auc_ci[1] - once.auc_ci[0] > 0.05
 
 
 def test_attribute_inference_on_a_regularised_model_is_no_worse_for_members(sites):

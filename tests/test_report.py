@@ -42,6 +42,31 @@ def test_report_numbers_follow_the_artifacts(built, tmp_path):
     assert after != before
 
 
+def test_privacy_findings_follow_the_artifacts(built, tmp_path):
+    """Attribute inference, canaries, reconstruction and client-level DP are read from stage 4's summary."""
+    copy = tmp_path / "smoke"
+    shutil.copytree(built, copy)
+    summary_path = copy / "04_privacy_evaluation" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    gain = summary["attribute_inference"]["model_gain_auc"]["members"]
+    assert f"members {gain['value']:.3f} ({gain['lower']:.3f}, {gain['upper']:.3f})" in render(collect(copy), "en")
+    summary["attribute_inference"]["model_gain_auc"]["members"] = {"value": 0.4321, "lower": 0.4111, "upper": 0.4555}
+    summary["canaries"]["groups"]["canaries"]["auc"] = 0.9876
+    summary["batch_reconstruction"]["results"][0]["whole_record_matches"] = 0.6543
+    private = [p for p in summary["client_level_dp"]["points"] if p["noise_multiplier"]]
+    min(private, key=lambda p: p["epsilon"])["epsilon"] = 0.04
+    summary_path.write_text(json.dumps(summary))
+    after = render(collect(copy), "en")
+    assert "members 0.432 (0.411, 0.455)" in after
+    assert "(AUC 0.988)" in after
+    assert "<td>0.654</td>" in after
+    assert "at the smallest epsilon measured, 0.0 (" in after
+    # Findings that were not run on the data say so, with the reason.
+    summary["attribute_inference"] = {"not_run": "not run for a reason stated here"}
+    summary_path.write_text(json.dumps(summary))
+    assert "Not run: not run for a reason stated here." in render(collect(copy), "en")
+
+
 def test_english_and_swedish_reports_carry_the_same_numbers(built):
     context = collect(built)
     # Measured numbers are printed with 3 or more decimals; fixed text may write "0.5" or "0,5".
@@ -57,7 +82,7 @@ def test_outputs_html_and_pdf_in_both_languages(built):
     assert {"pilot_report.html", "pilot_report.pdf", "pilot_report.sv.html", "pilot_report.sv.pdf"} <= set(names)
     html = (built / "05_report" / "pilot_report.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # self-contained
-    assert html.count("data:image/png;base64,") == 8
+    assert html.count("data:image/png;base64,") == 9
     from report.leakscan import pdf_text
 
     text = pdf_text(built / "05_report" / "pilot_report.pdf")

@@ -79,3 +79,20 @@ def test_saved_arrays_are_byte_identical_and_loadable(tmp_path):
     loaded = np.load(tmp_path / "a.npz")
     np.testing.assert_array_equal(loaded["weight_0"], weights["weight_0"])
     assert loaded["weight_0"].dtype == np.float32
+
+
+def test_json_artifacts_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    import json
+
+    import numpy as np
+
+    from compendium.artifacts import write_json
+
+    data = {"auroc": float("nan"), "epsilon": np.float64("inf"), "points": [{"tpr": np.float32(0.25)}, (1, -np.inf)],
+            "rounds": np.int64(3)}
+    write_json(tmp_path / "summary.json", data)
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    # Python's parser would accept NaN; a strict parser (as in a browser) must accept this file too.
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert strict == {"auroc": None, "epsilon": None, "points": [{"tpr": 0.25}, [1, None]], "rounds": 3}

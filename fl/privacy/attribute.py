@@ -24,13 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
 from data_synth.cohort import FEATURES
 from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit
-from fl.evaluate import auroc, record_loss
-from fl.privacy.membership import clopper_pearson
+from fl.evaluate import record_loss
 from fl.privacy.reference import BatchedModels, SiteTensors
 
 GUESSERS = ("marginal", "population", "model")
@@ -97,7 +95,12 @@ def model_log_likelihood_ratio(models: BatchedModels, sites: dict[str, SiteSplit
 
 @dataclass(frozen=True)
 class GuessResult:
-    """How well one guesser recovers the attribute over one group of trials."""
+    """How well one guesser recovers the attribute over one group of trials.
+
+    The intervals are 95% percentile intervals of a bootstrap over patients:
+    pooled over target models, one patient gives several trials, so the
+    trials are not independent and a binomial interval would be too narrow.
+    """
 
     accuracy: float
     accuracy_ci: tuple[float, float]
@@ -105,32 +108,64 @@ class GuessResult:
     auc_ci: tuple[float, float]
     trials: int
     with_attribute: int
+    patients: int
 
     def as_dict(self) -> dict:
         return {"accuracy": {"value": round(self.accuracy, 4), "lower": round(self.accuracy_ci[0], 4),
                              "upper": round(self.accuracy_ci[1], 4)},
                 "auc": {"value": round(self.auc, 4), "lower": round(self.auc_ci[0], 4),
                         "upper": round(self.auc_ci[1], 4)},
-                "trials": self.trials, "with_attribute": self.with_attribute}
+                "trials": self.trials, "patients": self.patients, "with_attribute": self.with_attribute}
 
 
-def hanley_mcneil(auc: float, positives: int, negatives: int, level: float = 0.95) -> tuple[float, float]:
-    """Return the normal-approximation confidence interval of an AUC (Hanley and McNeil 1982)."""
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / max(
-        positives * negatives, 1)
-    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(max(variance, 0.0))
-    return max(0.0, auc - half), min(1.0, auc + half)
+#: Bootstrap resamples of patients behind every interval of this module.
+BOOTSTRAP = 200
 
 
-def evaluate_guesses(scores: np.ndarray, truth: np.ndarray) -> GuessResult:
-    """Return accuracy (guess: score > 0) with a Clopper-Pearson interval, and AUC with a Hanley-McNeil interval."""
+class RankedScores:
+    """One guesser's scores over a group's trials, sorted once, for AUCs under many sets of trial weights."""
+
+    def __init__(self, scores: np.ndarray, truth: np.ndarray):
+        self.order = np.argsort(scores, kind="stable")
+        self.truth = np.asarray(truth, dtype=bool)[self.order]
+        _, self.blocks = np.unique(np.asarray(scores)[self.order], return_index=True)  # tied scores share a block
+
+    def auc(self, weights: np.ndarray) -> float:
+        """Return the weighted Mann-Whitney AUC (ties count one half); nan without both classes."""
+        w = np.asarray(weights, dtype=float)[self.order]
+        positive = np.add.reduceat(w * self.truth, self.blocks)
+        negative = np.add.reduceat(w * ~self.truth, self.blocks)
+        below = np.cumsum(negative) - negative
+        total = positive.sum() * negative.sum()
+        return float((positive * (below + 0.5 * negative)).sum() / total) if total > 0 else float("nan")
+
+
+def _interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def evaluate_guesses(scores: np.ndarray, truth: np.ndarray, patients: np.ndarray,
+                     resampled: np.ndarray) -> tuple[GuessResult, np.ndarray]:
+    """Return accuracy (guess: score > 0) and AUC with patient-bootstrap intervals, and the bootstrap AUCs.
+
+    `patients` names each trial's patient; `resampled` is (B, N): how often
+    each patient is drawn in each of B bootstrap resamples (shared across
+    guessers, so differences between guessers can be bootstrapped in pairs).
+    """
     truth = np.asarray(truth, dtype=bool)
-    correct = int(np.sum((scores > 0) == truth))
+    correct = (scores > 0) == truth
+    ranked = RankedScores(scores, truth)
+    weights = resampled[:, patients].astype(float)  # (B, trials)
+    accuracies = (weights @ correct) / weights.sum(axis=1)
+    aucs = np.array([ranked.auc(w) for w in weights])
     positives = int(truth.sum())
-    auc = float(auroc(truth.astype(int), scores)) if 0 < positives < truth.size else float("nan")
-    return GuessResult(correct / truth.size, clopper_pearson(correct, truth.size), auc,
-                       hanley_mcneil(auc, positives, truth.size - positives), int(truth.size), positives)
+    result = GuessResult(float(correct.mean()), _interval(accuracies), ranked.auc(np.ones(truth.size)),
+                         _interval(aucs), int(truth.size), positives, int(np.unique(patients).size))
+    return result, aucs
 
 
 @dataclass
@@ -141,22 +176,29 @@ class AttributeInference:
     prevalence: float
     results: dict[tuple[str, str], GuessResult]  # (group, guesser) -> result
     targets: int
+    gain_ci: dict[str, tuple[float, float]]  # group -> patient-bootstrap interval of the model's AUC gain
 
     def table(self) -> pd.DataFrame:
-        """Return one row per group and guesser: accuracy and AUC with 95% intervals, trials."""
+        """Return one row per group and guesser: accuracy and AUC with 95% intervals, trials and patients."""
         rows = []
         for (group, guesser), r in self.results.items():
             rows.append({"group": group, "guesser": guesser,
                          "accuracy": f"{r.accuracy:.3f} ({r.accuracy_ci[0]:.3f}-{r.accuracy_ci[1]:.3f})",
-                         "AUC": f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f})", "trials": r.trials})
+                         "AUC": f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f})", "trials": r.trials,
+                         "patients": r.patients})
         return pd.DataFrame(rows)
 
     def as_dict(self) -> dict:
         return {"attribute": self.attribute, "population_prevalence": round(self.prevalence, 4),
                 "target_models": self.targets,
                 "groups": [{"group": g, "guesser": k, **r.as_dict()} for (g, k), r in self.results.items()],
-                "model_gain_auc": {g: round(self.results[(g, "model")].auc - self.results[(g, "population")].auc, 4)
-                                   for g in ("members", "non-members")}}
+                "model_gain_auc": {g: {"value": round(self.gain(g), 4), "lower": round(self.gain_ci[g][0], 4),
+                                       "upper": round(self.gain_ci[g][1], 4)} for g in ("members", "non-members")},
+                "intervals": f"95% percentile intervals of {BOOTSTRAP} bootstrap resamples of patients"}
+
+    def gain(self, group: str) -> float:
+        """Return what the released model adds to the population baseline's AUC in `group`."""
+        return self.results[(group, "model")].auc - self.results[(group, "population")].auc
 
 
 def run(models: BatchedModels, membership: np.ndarray, sites: dict[str, SiteSplit], attribute: str, targets: int,
@@ -188,8 +230,13 @@ def run(models: BatchedModels, membership: np.ndarray, sites: dict[str, SiteSpli
     scores = {"marginal": np.tile(marginal[:, None], targets), "population": np.tile(baseline[:, None], targets),
               "model": prior[:, None] + ratio}
     truth_trials = np.tile(truth[:, None], targets)
-    results = {}
+    patient = np.tile(np.arange(len(truth))[:, None], targets)
+    resampled = rng.multinomial(len(truth), np.full(len(truth), 1 / len(truth)), size=BOOTSTRAP)  # (B, N)
+    results, gain_ci = {}, {}
     for group, mask in (("members", member), ("non-members", ~member)):
+        aucs = {}
         for guesser in GUESSERS:
-            results[(group, guesser)] = evaluate_guesses(scores[guesser][mask], truth_trials[mask])
-    return AttributeInference(attribute, prevalence, results, targets)
+            results[(group, guesser)], aucs[guesser] = evaluate_guesses(
+                scores[guesser][mask], truth_trials[mask], patient[mask], resampled)
+        gain_ci[group] = _interval(aucs["model"] - aucs["population"])
+    return AttributeInference(attribute, prevalence, results, targets, gain_ci)

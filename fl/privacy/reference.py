@@ -149,20 +149,24 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
     total = sum(counts.values())
     scale = (1.0 / std).float()  # (M, f)
     shift = (mean / std).float()  # (M, f)
+    # Per site, once: each member's loss weight (n, M), the labels times it, and the design with a ones
+    # column, so that one matmul gives the logits with the bias and one the gradients with the bias's.
+    loss_weight = {name: (masks[name].float() / counts[name][:, None]).T.contiguous() for name in names}
+    target = {name: sites[name].labels[:, None] * loss_weight[name] for name in names}
+    design = {name: torch.cat([sites[name].design, torch.ones(len(sites[name]), 1)], dim=1) for name in names}
     for _ in range(rounds):
         new = []
         for name in names:
-            site, mask = sites[name], masks[name].float().T / counts[name]  # (n, M): each member's loss weight
             weight, indicator, bias = global_weight.clone(), global_indicator.clone(), global_bias.clone()
             state = _AdamState.like(weight, indicator, bias)
             for _ in range(local_epochs):
-                stacked = torch.cat([weight * scale, weight * shift, indicator], dim=1)
-                logits = torch.addmm(bias, site.design, stacked.T)  # (n, M)
-                # d(mean BCE)/d(logit) = (sigmoid - y) / members, zero for non-members.
-                residual = (torch.sigmoid(logits) - site.labels[:, None]) * mask
-                grad_stacked = residual.T @ site.design  # (M, 2f + k)
+                stacked = torch.cat([weight * scale, weight * shift, indicator, bias[:, None]], dim=1)
+                residual = design[name] @ stacked.T  # (n, M) logits
+                # d(mean BCE)/d(logit) = (sigmoid - y) / members, zero for non-members; in place, no new (n, M) tensors.
+                residual.sigmoid_().mul_(loss_weight[name]).sub_(target[name])
+                grad_stacked = residual.T @ design[name]  # (M, 2f + k + 1)
                 grad_weight = grad_stacked[:, :f] * scale + grad_stacked[:, f:2 * f] * shift
-                grads = (grad_weight, grad_stacked[:, 2 * f:], residual.sum(dim=0))
+                grads = (grad_weight, grad_stacked[:, 2 * f:-1], grad_stacked[:, -1])
                 weight, indicator, bias = state.step((weight, indicator, bias), grads, learning_rate, weight_decay)
             new.append((weight, indicator, bias, counts[name] / total))
         global_weight = sum(w * share[:, None] for w, _, _, share in new)

@@ -364,8 +364,8 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
             "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping around unweighted FedAvg",
             "unit_of_privacy": cdp.UNIT, "accountant": cdp.ACCOUNTANT,
             "clipping_norm": profile.privacy.client_dp_clipping_norm,
-            "points": [{k: (None if isinstance(v, float) and np.isinf(v) else v) for k, v in row.items()}
-                       for row in client_dp.to_dict(orient="records")],
+            "points": [{k: round(v, 4) if k.startswith("auroc_") else v for k, v in row.items()}
+                       for row in client_dp.to_dict(orient="records")],  # epsilon without noise: null
         },
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
