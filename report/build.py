@@ -36,6 +36,7 @@ FIGURES = {
     "roc_federated": "04_privacy_evaluation/figures/roc_federated.png",
     "roc_positive_control": "04_privacy_evaluation/figures/roc_positive_control.png",
     "dp_frontier": "04_privacy_evaluation/figures/dp_frontier.png",
+    "per_round_exposure": "04_privacy_evaluation/figures/per_round_exposure.png",
 }
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -149,6 +150,7 @@ def collect(build_dir: Path) -> dict:
         "target_models": priv["target_models"],
         "partner_error": priv["partner_recovery_max_error"],
         "dp": priv["dp_frontier"],
+        **privacy_findings(priv),
         "not_yet_measured": priv.get("not_yet_measured", []),
         "ledger": ledger_table(build_dir / "03_federated_training" / fed["strategies"][0] / "ledger.jsonl"),
         "variables": variables,
@@ -163,6 +165,45 @@ def collect(build_dir: Path) -> dict:
         "experiments": [_renamed(e, STAGES[0], stages[0]) for e in
                         yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"]],
     }
+
+
+def privacy_findings(priv: dict) -> dict:
+    """Return stage 4's attacks beyond membership, and its defences beyond DP-SGD, as the report shows them.
+
+    Attribute inference and canaries may be absent ({"not_run": reason}) on
+    provided data; the reason is shown instead.
+    """
+    attribute = priv["attribute_inference"]
+    reconstruction = priv["batch_reconstruction"]
+    most = max(row["rounds observed"] for row in reconstruction["results"])  # the attacker's best case
+    whole = {(row["batch_size"], row["attacker"]): row["whole_record_matches"]
+             for row in reconstruction["results"] if row["rounds observed"] == most}
+    client = priv["client_level_dp"]
+    no_dp = next(p for p in client["points"] if not p["noise_multiplier"])
+    private = [p for p in client["points"] if p["noise_multiplier"]]
+    strictest = min(private, key=lambda p: p["epsilon"]) if private else None
+    return {
+        "attribute": attribute,
+        "canaries": priv["canaries"],
+        "reconstruction": reconstruction,
+        # Whole records recovered from a batch's gradients over `most` rounds, per batch size: attack, marginals.
+        "reconstruction_whole": [{"batch_size": size, "attack": whole[(size, "gradient matching")],
+                                  "marginals": whole[(size, "population marginals")]}
+                                 for size in sorted({size for size, _ in whole})],
+        "reconstruction_rounds": most,
+        "dp_attacks": priv["dp_frontier"].get("attacks_on_dp_reference_pipelines", []),
+        "client_dp": client,
+        "client_dp_sites": [key.removeprefix("auroc_") for key in no_dp if key.startswith("auroc_")],
+        "client_dp_line": None if strictest is None else {
+            "epsilon": strictest["epsilon"], "noise": strictest["noise_multiplier"],
+            "auroc": _mean_auroc(strictest), "auroc_no_dp": _mean_auroc(no_dp)},
+        "secure_aggregation": priv.get("secure_aggregation"),
+    }
+
+
+def _mean_auroc(point: dict) -> float | None:
+    values = [v for k, v in point.items() if k.startswith("auroc_") and v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _renamed(experiment: dict, old: str, new: str) -> dict:
