@@ -179,3 +179,16 @@ def test_weights_beyond_the_clipping_range_fail_clearly(build, profile):
     tight = profile.model_copy(update={"privacy": profile.privacy.model_copy(update={"secagg_clipping_range": 1e-3})})
     with pytest.raises(secagg.SecAggError, match="raise privacy.secagg_clipping_range"):
         secagg.measure(tight, build, rounds=1)
+
+
+@pytest.mark.integration
+def test_flowers_simulation_engine_runs_the_same_protocol_to_the_same_aggregate(build, profile, measured):
+    """The same apps in flwr.simulation.run_simulation (Ray): the same unmasked aggregates, masked uploads."""
+    on_ray = secagg.measure(profile, build, engine="ray")
+    step = on_ray.quantisation_step
+    for server_round in range(1, ROUNDS + 1):
+        for a, b in zip(on_ray.secure.aggregates[server_round], measured.secure.aggregates[server_round]):
+            np.testing.assert_allclose(a, b, rtol=0, atol=step)
+    assert on_ray.masked_uncorrelated() and on_ray.summary()["num_shares"] == len(SITES)
+    assert on_ray.partner_error <= 2 * measured.partner_error + step
+    assert all(a.dtype == np.int64 for upload in on_ray.secure.uploads[1].values() for a in upload)
