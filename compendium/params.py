@@ -127,6 +127,10 @@ class PrivacyParams(_Strict):
     reconstruction_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=256)]], Field(min_length=1)] = [
         1, 2, 4, 8]
     reconstruction_batches: Annotated[int, Field(ge=5, le=1000)] = 20
+    # Secure aggregation (Flower's SecAgg+): FedAvg rounds re-run with it (at most federated.rounds), and the
+    # range each site's weighted model weights are clipped to before quantisation (Flower's default: 8).
+    secagg_rounds: Annotated[int, Field(ge=1, le=100)] = 3
+    secagg_clipping_range: Annotated[float, Field(gt=0, le=1e4)] = 8.0
 
     @field_validator("sensitive_attribute")
     @classmethod
@@ -225,6 +229,10 @@ def validate_profile(data: Any, source: str) -> Profile:
             site_profile(name, site.overrides, site.template)
         except ValidationError as error:
             problems.extend(_format_errors(error, f"synthetic.sites.{name}.overrides"))
+    if profile.privacy.secagg_rounds > profile.federated.rounds:
+        problems.append(f"privacy.secagg_rounds: {profile.privacy.secagg_rounds} is more than federated.rounds "
+                        f"({profile.federated.rounds}); secure aggregation re-runs rounds of the federation, "
+                        "so lower it")
     codes = [p.site_code for p in (profile.site_profiles().values() if not problems else [])]
     if len(set(codes)) != len(codes):
         problems.append("synthetic.sites: two sites share a site_code; give each a distinct overrides.site_code")

@@ -24,12 +24,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from compendium.params import Profile
 from fl.flower import server_app
-from fl.flower.client_app import app as client_app
+from fl.flower.client_app import app as default_client_app
 
 SERVER_NODE_ID = 1
 #: Flower's error code for an exception raised inside a ClientApp.
@@ -37,11 +39,21 @@ CLIENT_APP_RAISED_EXCEPTION = 1
 
 
 class DirectGrid(Grid):
-    """A Grid whose nodes are ClientApp contexts in this process; replies come back synchronously."""
+    """A Grid whose nodes are ClientApp contexts in this process; replies come back synchronously.
 
-    def __init__(self, contexts: dict[int, Context], run_id: int = 1):
+    `client_app` is the pilot's ClientApp unless another is given (the
+    secure-aggregation run brings its own). With `serialise`, every message
+    crosses as protobuf bytes and is rebuilt on the other side, as in
+    Flower's engines: needed where a sender shares one content object among
+    several messages and the receiver edits what it gets (Flower's SecAgg+
+    workflow and `secaggplus_mod` do both).
+    """
+
+    def __init__(self, contexts: dict[int, Context], run_id: int = 1, client_app=None, serialise: bool = False):
         self.contexts = contexts
         self.run_id = run_id
+        self.client_app = client_app if client_app is not None else default_client_app
+        self.serialise = serialise
         self._replies: dict[str, Message] = {}
         self._lock = threading.Lock()
 
@@ -49,8 +61,8 @@ class DirectGrid(Grid):
         pass
 
     @property
-    def run(self):
-        return None
+    def run(self) -> Run:
+        return Run.create_empty(self.run_id)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
@@ -69,12 +81,16 @@ class DirectGrid(Grid):
             message.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
             message.metadata.__dict__["_run_id"] = self.run_id
             context = self.contexts[message.metadata.dst_node_id]
+            if self.serialise:
+                message = message_from_proto(message_to_proto(message))
             try:
-                reply = client_app(message, context)
+                reply = self.client_app(message, context)
             except Exception as error:  # a site's failure becomes an error reply, as in Flower
                 reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
                                 reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            if self.serialise:
+                reply = message_from_proto(message_to_proto(reply))
             with self._lock:
                 self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
@@ -102,12 +118,16 @@ def direct_contexts(site_dirs: list[Path]) -> dict[int, Context]:
     }
 
 
+def use_server_identity() -> None:
+    """Make messages created in this process come from the server of run 1, as in Flower's engines."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+
+
 def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path,
                resume: bool = False, grid: Grid | None = None,
                client_dp: server_app.ClientLevelDP | None = None, patient_dp=None) -> server_app.FederationResult:
     """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose)."""
-    # Messages take their run and sender from the process's task identity, as in Flower's engines.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    use_server_identity()
     grid = grid or DirectGrid(direct_contexts(site_dirs))
     return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume, client_dp=client_dp,
                                      patient_dp=patient_dp)
@@ -137,8 +157,8 @@ def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir
 
     wrapped_client = ClientApp()
     for kind in ("train", "evaluate"):
-        getattr(wrapped_client, kind)()(_with_run_config(client_app, config))
-    wrapped_client.query("statistics")(_with_run_config(client_app, config))
+        getattr(wrapped_client, kind)()(_with_run_config(default_client_app, config))
+    wrapped_client.query("statistics")(_with_run_config(default_client_app, config))
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(server_app=wrapped_server, client_app=wrapped_client, num_supernodes=len(site_dirs),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -8,7 +8,8 @@
 - `updates`: membership inference on each round's update (positions C and D).
 - `attribute`: attribute inference (a diagnosis from the rest of the record) against a population baseline.
 - `canaries`: injected outlier patients and their exposure (worst case).
-- `dp`: patient-level DP-SGD with Opacus and its accountant; `stage`: what the stage-4 notebook runs.
-
-Still to come (issue 6): client-level DP, secure aggregation, LiRA and RMIA against the DP models.
+- `dp`: patient-level DP-SGD with Opacus and its accountant.
+- `client_dp`: client-level DP (Flower's server-side clipping wrapper) and its epsilon for one hospital.
+- `secagg`: Flower's SecAgg+ measured: aggregate, what the server receives, the other hospital, the cost.
+- `stage`: what the stage-4 notebook runs.
 """
