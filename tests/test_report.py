@@ -55,12 +55,14 @@ def test_privacy_findings_follow_the_artifacts(built, tmp_path):
     summary["batch_reconstruction"]["results"][0]["whole_record_matches"] = 0.6543
     private = [p for p in summary["client_level_dp"]["points"] if p["noise_multiplier"]]
     min(private, key=lambda p: p["epsilon"])["epsilon"] = 0.04
+    summary["secure_aggregation"]["position_d"]["partner_recovery_max_abs_error"] = 7.7e-3
     summary_path.write_text(json.dumps(summary))
     after = render(collect(copy), "en")
     assert "members 0.432 (0.411, 0.455)" in after
     assert "(AUC 0.988)" in after
     assert "<td>0.654</td>" in after
     assert "at the smallest epsilon measured, 0.0 (" in after
+    assert "recovered its partner's model to within 7.7e-03" in after.replace("&#39;", "'")
     # Findings that were not run on the data say so, with the reason.
     summary["attribute_inference"] = {"not_run": "not run for a reason stated here"}
     summary_path.write_text(json.dumps(summary))
