@@ -55,18 +55,12 @@ def describe_message(message: Message) -> dict:
     }
 
 
-class LedgerGrid(Grid):
-    """A Grid that records every message it carries, then delegates to the real Grid."""
+class ForwardingGrid(Grid):
+    """A Grid that hands everything to another Grid; subclasses override what they watch (send_and_receive)."""
 
-    def __init__(self, grid: Grid, path: Path, run_label: str):
+    def __init__(self, grid: Grid):
         self._grid = grid
-        self.path = Path(path)
-        self.run_label = run_label
-        self.site_of_node: dict[int, str] = {}
-        self.replies: list[tuple[int, str, str, dict]] = []  # (round, message type, site, metrics)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    # --- delegation -----------------------------------------------------
     def set_run(self, run) -> None:
         self._grid.set_run(run)
 
@@ -89,7 +83,21 @@ class LedgerGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    # --- recording ------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class LedgerGrid(ForwardingGrid):
+    """A Grid that records every message it carries, then delegates to the real Grid."""
+
+    def __init__(self, grid: Grid, path: Path, run_label: str):
+        super().__init__(grid)
+        self.path = Path(path)
+        self.run_label = run_label
+        self.site_of_node: dict[int, str] = {}
+        self.replies: list[tuple[int, str, str, dict]] = []  # (round, message type, site, metrics)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         outgoing = list(messages)
         descriptions = [describe_message(m) for m in outgoing]

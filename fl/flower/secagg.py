@@ -59,6 +59,7 @@ from fl.federated import initial_weights, local_update, round_seed
 from fl.flower import protocol as p
 from fl.flower.client_app import _matrix, _site
 from fl.flower.engine import SERVER_NODE_ID, DirectGrid, direct_contexts, use_server_identity
+from fl.flower.ledger import ForwardingGrid
 from fl.flower.server_app import FederationError, local_train_config
 
 MECHANISM = "Flower SecAgg+ (SecAggPlusWorkflow + secaggplus_mod)"
@@ -174,34 +175,12 @@ def _stage(message: Message) -> str:
     return PLAIN_FIT
 
 
-class InterceptingGrid(Grid):
+class InterceptingGrid(ForwardingGrid):
     """A Grid that records, for the server's eyes, every message a workflow sends and receives."""
 
     def __init__(self, grid: Grid, record: RunRecord):
-        self._grid = grid
+        super().__init__(grid)
         self.record = record
-
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages):
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids):
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages, *, timeout=None):
         outgoing = list(messages)
