@@ -127,7 +127,8 @@ class PrivacyParams(_Strict):
     reconstruction_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=256)]], Field(min_length=1)] = [
         1, 2, 4, 8]
     reconstruction_batches: Annotated[int, Field(ge=5, le=1000)] = 20
-    # Secure aggregation (Flower's SecAgg+): FedAvg rounds re-run with it (at most federated.rounds), and the
+    # Secure aggregation (Flower's SecAgg+): FedAvg rounds re-run with it (the default is capped at
+    # federated.rounds; an explicit value above it is an error), and the
     # range each site's weighted model weights are clipped to before quantisation (Flower's default: 8).
     secagg_rounds: Annotated[int, Field(ge=1, le=100)] = 3
     secagg_clipping_range: Annotated[float, Field(gt=0, le=1e4)] = 8.0
@@ -229,7 +230,9 @@ def validate_profile(data: Any, source: str) -> Profile:
             site_profile(name, site.overrides, site.template)
         except ValidationError as error:
             problems.extend(_format_errors(error, f"synthetic.sites.{name}.overrides"))
-    if profile.privacy.secagg_rounds > profile.federated.rounds:
+    # Unset, secure aggregation takes the federation's first rounds, up to its default (fl.privacy.secagg);
+    # asked for explicitly, more rounds than the federation has is a mistake to name.
+    if "secagg_rounds" in profile.privacy.model_fields_set and profile.privacy.secagg_rounds > profile.federated.rounds:
         problems.append(f"privacy.secagg_rounds: {profile.privacy.secagg_rounds} is more than federated.rounds "
                         f"({profile.federated.rounds}); secure aggregation re-runs rounds of the federation, "
                         "so lower it")

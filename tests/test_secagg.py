@@ -168,11 +168,18 @@ def test_secagg_rounds_beyond_the_federation_are_rejected(tmp_path):
     import yaml
 
     data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["profile"] = "bad"  # a profile is named as its file
     data["privacy"]["secagg_rounds"] = data["federated"]["rounds"] + 1
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ParamsError, match=r"bad\.yaml: privacy\.secagg_rounds: 9 is more than federated\.rounds"):
+    with pytest.raises(ParamsError, match=r"bad\.yaml: privacy\.secagg_rounds: 9 is more than federated\.rounds") as error:
         load_params(path)
+    assert str(error.value).count("\n") == 0  # that, and nothing else, is wrong
+    # Left at its default, it is capped at a shorter federation's rounds instead.
+    del data["privacy"]["secagg_rounds"]
+    data["federated"]["rounds"] = 2
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path).privacy.secagg_rounds == 3
 
 
 def test_weights_beyond_the_clipping_range_fail_clearly(build, profile):

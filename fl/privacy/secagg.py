@@ -204,7 +204,7 @@ def measure(profile: Profile, build_dir: Path, rounds: int | None = None, engine
     from fl.privacy.stage import require_logistic
 
     require_logistic(profile)
-    rounds = rounds or profile.privacy.secagg_rounds
+    rounds = rounds or min(profile.privacy.secagg_rounds, profile.federated.rounds)
     engine = engine or profile.federated.engine
     settings = settings or fsa.SecAggSettings(clipping_range=profile.privacy.secagg_clipping_range)
     train = site_splits(build_dir, profile.sites, "train")
