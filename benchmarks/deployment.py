@@ -23,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.flower import _prepare
 from compendium.artifacts import git_state, package_versions, write_json
 from compendium.params import REPO_ROOT, load_params, profile_path
+from fl.federated import weights_difference
 from fl.flower.deployment import final_weights, round_seconds, run_deployment
 from fl.flower.engine import run_direct
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     per_round_deployed = statistics.median(deployed.summary["round_seconds"])
     per_round_simulated = min(statistics.median(r) for r in simulated_rounds)
-    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(deployed_weights, result.weights))
+    difference = weights_difference(deployed_weights, result.weights)
     report = {
         "benchmark": "deployment", "profile": args.profile, "strategy": "fedavg",
         "rounds": profile.federated.rounds,

@@ -43,6 +43,11 @@ def local_update(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], 
     return LocalResult(get_weights(model), int(len(labels)), float(history.train_loss[-1]))
 
 
+def weights_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Return the largest absolute difference between two models' weight arrays (compared in float64)."""
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b))
+
+
 def weighted_average(results: list[LocalResult]) -> list[np.ndarray]:
     """Return the example-weighted average of the sites' weights (FedAvg aggregation).
 

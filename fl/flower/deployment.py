@@ -43,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compendium.artifacts import relative, replace_folder, write_json
+from compendium.artifacts import package_versions, relative, replace_folder, write_json
 from compendium.params import REPO_ROOT, ParamsError, build_name, load_params, profile_path
 from fl.data import site_dir
+from fl.federated import weights_difference
 from fl.flower.credentials import Credentials, make_credentials
 from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint,
                                   saved_weights)
@@ -428,7 +429,7 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
     summary = {
         "profile": profile.profile, "strategy": strategy, "run_id": run_id, "status": status,
         "engine": "Flower deployment engine (SuperLink + SuperNodes, processes on 127.0.0.1)",
-        "flwr": _version("flwr"), "tls": True, "node_authentication": True,
+        "flwr": package_versions(("flwr",))["flwr"], "tls": True, "node_authentication": True,
         "sites": {site: {"node_id": federation.node_ids.get(site), "site_dir": relative(folder)}
                   for site, folder in sites.items()},
         "resumed_after_round": done, "rounds": profile.federated.rounds,
@@ -439,8 +440,7 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
     }
     simulated = build_dir / DEPLOYMENT.parent / strategy
     if (simulated / FINAL_MODEL_FILE).exists():  # stage 3's in-process run of the same strategy
-        difference = max(float(np.max(np.abs(a - b)))
-                         for a, b in zip(final_weights(server), final_weights(simulated)))
+        difference = weights_difference(final_weights(server), final_weights(simulated))
         summary["stage3_simulation"] = {"final_weights_max_abs_difference": difference,
                                         "same_model_within_1e-6": difference <= 1e-6}
     folder = collect(build_dir, state, summary)
@@ -492,15 +492,6 @@ def collect(build_dir: Path, state: Path, summary: dict) -> Path:
 def final_weights(folder: Path) -> list[np.ndarray]:
     """Return the final model's weight arrays saved in a run folder."""
     return saved_weights(np.load(Path(folder) / FINAL_MODEL_FILE))
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ import pandas as pd
 from compendium.params import Profile
 from fl.baselines import shared_schema, site_splits
 from fl.data import site_dir
-from fl.federated import LocalResult, weighted_average
+from fl.federated import LocalResult, weighted_average, weights_difference
 from fl.flower import secagg as fsa
 from fl.flower.server_app import local_train_config
 from fl.flower.stage import load_result
@@ -227,7 +227,7 @@ def measure(profile: Profile, build_dir: Path, rounds: int | None = None, engine
                               f"range {settings.clipping_range:g}: it would be clipped and the aggregate biased; "
                               f"raise privacy.secagg_clipping_range in params/{profile.profile}.yaml")
         aggregate = secure.aggregates[server_round]
-        aggregate_error[server_round] = _max_abs_difference(aggregate, weighted_average(
+        aggregate_error[server_round] = weights_difference(aggregate, weighted_average(
             [updates[s] for s in sorted(updates)]))
         for site, upload in secure.uploads[server_round].items():
             masked, true = pairs[site]
@@ -237,14 +237,14 @@ def measure(profile: Profile, build_dir: Path, rounds: int | None = None, engine
             for victim, own in ((a, b) for a in updates for b in updates if a != b):
                 recovered = partner_update(aggregate, updates[own].weights, updates[own].num_examples,
                                            updates[victim].num_examples)
-                partner.append(_max_abs_difference(recovered, updates[victim].weights))
+                partner.append(weights_difference(recovered, updates[victim].weights))
         else:
             error, closest = _others(aggregate, updates, total)
             others.append(error)
             nearest.append(closest)
 
     round_one = replay_round(plain.sent[1], sites, spec, config, profile.seed, 1)
-    plain_error = max(_max_abs_difference(plain.uploads[1][s], round_one[s].weights) for s in round_one)
+    plain_error = max(weights_difference(plain.uploads[1][s], round_one[s].weights) for s in round_one)
     correlation = {s: float(np.corrcoef(np.concatenate(m), np.concatenate(t))[0, 1]) for s, (m, t) in pairs.items()}
     return SecAggMeasurement(settings, engine, tuple(profile.sites), rounds, secure, plain, aggregate_error,
                              correlation, int(sum(len(m) for m in pairs[profile.sites[0]][0])), plain_error,
@@ -259,17 +259,13 @@ def _others(aggregate: list[np.ndarray], updates: dict[str, LocalResult], total:
         rest = {s: u for s, u in updates.items() if s != own}
         rest_rows = total - mine.num_examples
         recovered = partner_update(aggregate, mine.weights, mine.num_examples, rest_rows)
-        errors.append(_max_abs_difference(recovered, weighted_average([rest[s] for s in sorted(rest)])))
-        distances.append(min(_max_abs_difference(recovered, u.weights) for u in rest.values()))
+        errors.append(weights_difference(recovered, weighted_average([rest[s] for s in sorted(rest)])))
+        distances.append(min(weights_difference(recovered, u.weights) for u in rest.values()))
     return max(errors), min(distances)
 
 
 def _max_abs(arrays: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(a))) for a in arrays)
-
-
-def _max_abs_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b))
 
 
 def _mean(values: list[int]) -> float:

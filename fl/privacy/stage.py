@@ -9,7 +9,7 @@ import pandas as pd
 from compendium.params import Profile
 from fl.baselines import shared_schema, site_splits
 from fl.federated import initial_weights
-from fl.flower.server_app import CHECKPOINTS, local_train_config
+from fl.flower.server_app import CHECKPOINTS, local_train_config, saved_weights
 from fl.flower.stage import load_result
 from fl.privacy import membership as mi
 from fl.privacy import client_dp as cdp
@@ -81,8 +81,7 @@ def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
 
 def _global_model(folder: Path, server_round: int) -> list[np.ndarray]:
     """Return the global model the sites start `server_round` from (the checkpoint of the round before)."""
-    saved = np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz")
-    return [saved["weight_0"], saved["weight_1"]]
+    return saved_weights(np.load(folder / CHECKPOINTS / f"round_{server_round - 1:03d}.npz"))
 
 
 def reported_rounds(profile: Profile) -> set[int]:

@@ -16,7 +16,8 @@ import pandas as pd
 
 from fl.data import PreprocessingSpec, SiteSplit
 from fl.evaluate import record_loss
-from fl.federated import LocalResult, local_update, predict_logits, round_seed, weighted_average
+from fl.federated import (LocalResult, local_update, predict_logits, round_seed, weighted_average,
+                          weights_difference)
 from fl.privacy import membership as mi
 from fl.privacy.reconstruction import partner_update
 from fl.train import TrainConfig
@@ -70,15 +71,7 @@ def attack_update(global_weights: list[np.ndarray], updates: dict[str, LocalResu
     (partner_name,) = [name for name in sites if name != victim]
     own = updates[partner_name]
     recovered = partner_update(aggregate, own.weights, own.num_examples, updates[victim].num_examples)
-    error = max(float(np.max(np.abs(r - t))) for r, t in zip(recovered, updates[victim].weights))
+    error = weights_difference(recovered, updates[victim].weights)
     recovered32 = [r.astype(np.float32) for r in recovered]
     other = mi.evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
     return UpdateAttack(server_round, victim, error, server, other)
-
-
-def attack_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
-                 spec: PreprocessingSpec, config: TrainConfig, seed: int, server_round: int,
-                 victim: str) -> UpdateAttack:
-    """Replay one FedAvg round from `global_weights` and attack `victim`'s update from positions C and D."""
-    updates = replay_round(global_weights, sites, spec, config, seed, server_round)
-    return attack_update(global_weights, updates, sites, spec, server_round, victim)
