@@ -25,21 +25,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from opacus.accountants import RDPAccountant
 
 from compendium.params import Profile
 from fl.flower.engine import run_direct
 from fl.flower.server_app import ClientLevelDP
+from fl.privacy.dp import accounted_epsilon
 
 UNIT = "one hospital (client-level)"
 ACCOUNTANT = "RDP (Opacus RDPAccountant), no subsampling (every hospital in every round)"
 
 
 def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Return epsilon at `delta` after `rounds` Gaussian releases with sensitivity C/n and noise z*C/n."""
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, 1.0, rounds)]
-    return float(accountant.get_epsilon(delta))
+    """Return epsilon at `delta` after `rounds` Gaussian releases with sensitivity C/n and noise z*C/n.
+
+    Every hospital takes part in every round: the sampling rate is 1.
+    """
+    return accounted_epsilon(noise_multiplier, 1.0, rounds, delta)
 
 
 def client_level_frontier(profile: Profile, site_dirs: list[Path], output_dir: Path,

@@ -8,6 +8,7 @@ import pandas as pd
 
 from compendium.params import Profile
 from fl.baselines import shared_schema, site_splits
+from fl.data import site_dir
 from fl.federated import initial_weights
 from fl.flower.server_app import CHECKPOINTS, local_train_config, saved_weights
 from fl.flower.stage import load_result
@@ -212,13 +213,10 @@ def client_dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     """
     import tempfile
 
-    from fl.data import site_dir
-    from fl.privacy.client_dp import client_level_frontier
-
     p = profile.privacy
     with tempfile.TemporaryDirectory(prefix="client-dp-") as runs:
-        return client_level_frontier(profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
-                                     list(p.client_dp_noise_multipliers), p.client_dp_clipping_norm, p.dp_delta)
+        return cdp.client_level_frontier(profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
+                                         list(p.client_dp_noise_multipliers), p.client_dp_clipping_norm, p.dp_delta)
 
 
 def secure_aggregation(profile: Profile, build_dir: Path):
@@ -309,16 +307,15 @@ def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, 
 
 def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
     """Return for the given rounds, per victim site: partner-recovery error, and C/D membership AUC and TPR at 1% FPR."""
-    def d(a: UpdateAttack, value) -> object:
-        return value(a) if a.other_hospital is not None else "not applicable (more than two sites)"
-
-    return pd.DataFrame([{
-        "round": a.server_round, "victim site": a.victim,
-        "D recovers the partner's model (max abs error)": d(a, lambda a: f"{a.partner_recovery_error:.1e}"),
-        "C: AUC": round(a.server.auc, 4), "C: TPR@1%FPR": round(a.server.tpr_at[0.01][0], 4),
-        "D: AUC": d(a, lambda a: round(a.other_hospital.auc, 4)),
-        "D: TPR@1%FPR": d(a, lambda a: round(a.other_hospital.tpr_at[0.01][0], 4)),
-    } for a in attacks if a.server_round in rounds])
+    chosen = [a for a in attacks if a.server_round in rounds]
+    not_applicable = "not applicable (more than two sites)"
+    table = per_round_exposure(chosen)
+    table.insert(2, "D recovers the partner's model (max abs error)",
+                 [f"{a.partner_recovery_error:.1e}" if a.other_hospital is not None else not_applicable for a in chosen])
+    for column in ("D: AUC", "D: TPR@1%FPR"):
+        table[column] = [value if a.other_hospital is not None else not_applicable
+                         for a, value in zip(chosen, table[column])]
+    return table
 
 
 def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
