@@ -125,11 +125,8 @@ class CanaryExposure:
     def as_dict(self) -> dict:
         groups = {}
         for group in self.tpr_at:
-            entry = {"auc": round(self.auc[group], 4), "member_trials": self.trials[group]}
-            for fpr, (tpr, low, high) in self.tpr_at[group].items():
-                entry[f"tpr_at_{fpr * 100:g}pct_fpr"] = {"value": round(tpr, 5), "lower": round(low, 5),
-                                                         "upper": round(high, 5)}
-            groups[group] = entry
+            groups[group] = {"auc": round(self.auc[group], 4), "member_trials": self.trials[group],
+                             **mi.tpr_entries(self.tpr_at[group])}
         return {"canaries": self.canaries, "site": self.site, "reference_models": self.models,
                 "threshold_set_on": "ordinary non-members", "threshold_trials": self.threshold_trials, "groups": groups,
                 "median_canary_exposure_rank": round(self.canary_rank, 4)}

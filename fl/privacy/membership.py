@@ -94,11 +94,19 @@ class AttackResult:
     non_members: int
 
     def as_dict(self) -> dict:
-        out = {"auc": round(self.auc, 4), "members": self.members, "non_members": self.non_members}
-        for fpr, (tpr, low, high) in self.tpr_at.items():
-            key = f"tpr_at_{fpr * 100:g}pct_fpr"
-            out[key] = {"value": round(tpr, 5), "lower": round(low, 5), "upper": round(high, 5)}
-        return out
+        return {"auc": round(self.auc, 4), "members": self.members, "non_members": self.non_members,
+                **tpr_entries(self.tpr_at)}
+
+
+def fpr_label(fpr: float) -> str:
+    """Return how summaries name a false-positive rate in their keys: 0.01 -> "1pct_fpr"."""
+    return f"{fpr * 100:g}pct_fpr"
+
+
+def tpr_entries(tpr_at: dict[float, tuple[float, float, float]]) -> dict[str, dict[str, float]]:
+    """Return {"tpr_at_<fpr>": {"value", "lower", "upper"}} for each FPR's (TPR, lower, upper): summary.json's shape."""
+    return {f"tpr_at_{fpr_label(fpr)}": {"value": round(tpr, 5), "lower": round(low, 5), "upper": round(high, 5)}
+            for fpr, (tpr, low, high) in tpr_at.items()}
 
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:

@@ -165,7 +165,7 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     from fl import evaluate as ev
     from fl.data import FeatureStatistics, PreprocessingSpec
     from fl.federated import predict, predict_logits
-    from fl.privacy.dp import DPConfig, dp_fedavg, epsilon_bound
+    from fl.privacy.dp import DPConfig, dp_fedavg
 
     require_logistic(profile)
     p, f = profile.privacy, profile.federated
@@ -193,13 +193,7 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
                 "logistic", (), weights, spec.transform(test[site].features))), 4)
                 if ev.not_estimable_reason(test[site].labels) is None else None)
         attack = mi.evaluate_attack(np.concatenate(scores), np.concatenate(members))
-        for fpr, (tpr, low, high) in attack.tpr_at.items():
-            bound = epsilon_bound(epsilon, p.dp_delta, fpr)
-            label = f"{fpr * 100:g}pct_fpr"
-            row[f"attack_tpr_at_{label}"] = round(tpr, 5)
-            row[f"bound_at_{label}"] = round(bound, 5)
-            # A violation needs the whole confidence interval above the bound.
-            row[f"violates_bound_at_{label}"] = bool(low > bound)
+        row |= against_bound(attack.tpr_at, epsilon, p.dp_delta, tpr_key="attack_tpr_at")
         row["attack_auc"] = round(attack.auc, 4)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -233,7 +227,7 @@ def secure_aggregation(profile: Profile, build_dir: Path):
 def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     """Return, per DP noise level and attack, the membership attacks against DP-SGD-trained federations
     (batched reference pipelines, as for the non-private model) and the bound their epsilon implies."""
-    from fl.privacy.dp import accounted_epsilon, epsilon_bound
+    from fl.privacy.dp import accounted_epsilon
     from fl.privacy.reference import DPSGDRecipe
 
     require_logistic(profile)
@@ -254,15 +248,26 @@ def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
         for attack, result in experiment.results.items():
             row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": p.dp_delta,
                    "attack": ATTACK_LABELS[attack], "auc": round(result.auc, 4)}
-            for fpr, (tpr, low, high) in result.tpr_at.items():
-                bound = epsilon_bound(epsilon, p.dp_delta, fpr)
-                label = f"{fpr * 100:g}pct_fpr"
-                row |= {f"tpr_at_{label}": round(tpr, 5), f"tpr_lower_at_{label}": round(low, 5),
-                        f"tpr_upper_at_{label}": round(high, 5), f"bound_at_{label}": round(bound, 5),
-                        f"violates_bound_at_{label}": bool(low > bound)}
+            row |= against_bound(result.tpr_at, epsilon, p.dp_delta, interval=True)
             rows.append(row | {"members": result.members, "non_members": result.non_members,
                                "patients_per_site": {s: len(d) for s, d in sites.items()}})
     return pd.DataFrame(rows)
+
+
+def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: float, delta: float,
+                  tpr_key: str = "tpr_at", interval: bool = False) -> dict:
+    """Return per FPR an attack's TPR (with its 95% interval if `interval`), the bound epsilon implies, and
+    whether it is violated: a violation needs the whole confidence interval above the bound."""
+    from fl.privacy.dp import epsilon_bound
+
+    row = {}
+    for fpr, (tpr, low, high) in tpr_at.items():
+        bound, label = epsilon_bound(epsilon, delta, fpr), mi.fpr_label(fpr)
+        row[f"{tpr_key}_{label}"] = round(tpr, 5)
+        if interval:
+            row |= {f"tpr_lower_at_{label}": round(low, 5), f"tpr_upper_at_{label}": round(high, 5)}
+        row |= {f"bound_at_{label}": round(bound, 5), f"violates_bound_at_{label}": bool(low > bound)}
+    return row
 
 
 def dp_attack_table(dp_attacks: pd.DataFrame) -> pd.DataFrame:
