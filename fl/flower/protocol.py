@@ -79,18 +79,22 @@ def read_settings(config: ConfigRecord, schema: FeatureSchema) -> tuple[Preproce
     return spec, train, str(config["model"]), tuple(int(h) for h in config["hidden"]), int(config["seed"])
 
 
-#: Patient-level DP-SGD settings in a training config (present only when DP is on).
-DP_KEYS = ("dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-delta", "dp-learning-rate",
-           "dp-local-epochs")
+#: Patient-level DP-SGD settings in a training config (present only when DP is on): key -> DPConfig field.
+DP_FIELDS = {"dp-noise-multiplier": "noise_multiplier", "dp-max-grad-norm": "max_grad_norm",
+             "dp-sample-rate": "sample_rate", "dp-delta": "delta", "dp-learning-rate": "learning_rate",
+             "dp-local-epochs": "local_epochs"}
+DP_KEYS = tuple(DP_FIELDS)
 #: Where a site keeps its DP accountant between rounds (Context.state).
 DP_ACCOUNTANT = "dp-accountant"
 
 
+def _dp_value(field: str, value) -> int | float:
+    return int(value) if field == "local_epochs" else float(value)
+
+
 def dp_entries(config) -> dict:
     """Return the training-config entries of a patient-level DP-SGD configuration (fl.privacy.dp.DPConfig)."""
-    values = (config.noise_multiplier, config.max_grad_norm, config.sample_rate, config.delta, config.learning_rate,
-              config.local_epochs)
-    return {key: float(value) if key != "dp-local-epochs" else int(value) for key, value in zip(DP_KEYS, values)}
+    return {key: _dp_value(field, getattr(config, field)) for key, field in DP_FIELDS.items()}
 
 
 def read_dp(config: ConfigRecord):
@@ -99,7 +103,4 @@ def read_dp(config: ConfigRecord):
         return None
     from fl.privacy.dp import DPConfig
 
-    return DPConfig(noise_multiplier=float(config["dp-noise-multiplier"]),
-                    max_grad_norm=float(config["dp-max-grad-norm"]), sample_rate=float(config["dp-sample-rate"]),
-                    delta=float(config["dp-delta"]), learning_rate=float(config["dp-learning-rate"]),
-                    local_epochs=int(config["dp-local-epochs"]))
+    return DPConfig(**{field: _dp_value(field, config[key]) for key, field in DP_FIELDS.items()})
