@@ -127,6 +127,21 @@ def member_statistics(sites: dict[str, SiteTensors], masks: dict[str, torch.Tens
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
+def _starting_models(initial: tuple[np.ndarray, np.ndarray], models: int,
+                     features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (weight (M, f), indicator weight (M, k), bias (M,)) of `models` models all at `initial`."""
+    weight = torch.as_tensor(initial[0], dtype=torch.float32).reshape(-1)
+    bias = torch.as_tensor(initial[1], dtype=torch.float32).reshape(-1)
+    return (weight[:features].expand(models, features).clone(),
+            weight[features:].expand(models, weight.shape[0] - features).clone(), bias.expand(models).clone())
+
+
+def _average(sites: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Return FedAvg of each site's (weight, indicator weight, bias, share of members), model by model."""
+    return (sum(w * share[:, None] for w, _, _, share in sites), sum(v * share[:, None] for _, v, _, share in sites),
+            sum(b * share for _, _, b, share in sites))
+
+
 def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor], rounds: int, local_epochs: int,
                     learning_rate: float, weight_decay: float, initial: tuple[np.ndarray, np.ndarray]) -> BatchedModels:
     """Return M models, each trained by FedAvg over the sites on its own members (full-batch Adam locally).
@@ -140,11 +155,7 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
     m = next(iter(masks.values())).shape[0]
     mean, std = member_statistics(sites, masks)
     f = next(iter(sites.values())).values.shape[1]
-    weight0 = torch.as_tensor(initial[0], dtype=torch.float32).reshape(-1)
-    bias0 = torch.as_tensor(initial[1], dtype=torch.float32).reshape(-1)
-    global_weight = weight0[:f].expand(m, f).clone()
-    global_indicator = weight0[f:].expand(m, weight0.shape[0] - f).clone()
-    global_bias = bias0.expand(m).clone()
+    global_weight, global_indicator, global_bias = _starting_models(initial, m, f)
     counts = {name: masks[name].float().sum(dim=1) for name in names}  # (M,)
     total = sum(counts.values())
     scale = (1.0 / std).float()  # (M, f)
@@ -169,9 +180,7 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
                 grads = (grad_weight, grad_stacked[:, 2 * f:-1], grad_stacked[:, -1])
                 weight, indicator, bias = state.step((weight, indicator, bias), grads, learning_rate, weight_decay)
             new.append((weight, indicator, bias, counts[name] / total))
-        global_weight = sum(w * share[:, None] for w, _, _, share in new)
-        global_indicator = sum(v * share[:, None] for _, v, _, share in new)
-        global_bias = sum(b * share for _, _, b, share in new)
+        global_weight, global_indicator, global_bias = _average(new)
     return BatchedModels(global_weight, global_indicator, global_bias, mean, std)
 
 
@@ -220,11 +229,7 @@ def train_federated_dp(sites: dict[str, SiteTensors], masks: dict[str, torch.Ten
     m = next(iter(masks.values())).shape[0]
     mean, std = member_statistics(sites, masks)
     f = next(iter(sites.values())).values.shape[1]
-    weight0 = torch.as_tensor(recipe.initial[0], dtype=torch.float32).reshape(-1)
-    bias0 = torch.as_tensor(recipe.initial[1], dtype=torch.float32).reshape(-1)
-    global_weight = weight0[:f].expand(m, f).clone()
-    global_indicator = weight0[f:].expand(m, weight0.shape[0] - f).clone()
-    global_bias = bias0.expand(m).clone()
+    global_weight, global_indicator, global_bias = _starting_models(recipe.initial, m, f)
     counts = {name: masks[name].float().sum(dim=1) for name in names}
     total = sum(counts.values())
     scale, shift = (1.0 / std).float(), (mean / std).float()
@@ -261,7 +266,5 @@ def train_federated_dp(sites: dict[str, SiteTensors], masks: dict[str, torch.Ten
                                                                            else expected)
                                            for p, g in zip((weight, indicator, bias), noisy))
             new.append((weight, indicator, bias, counts[name] / total))
-        global_weight = sum(w * share[:, None] for w, _, _, share in new)
-        global_indicator = sum(v * share[:, None] for _, v, _, share in new)
-        global_bias = sum(b * share for _, _, b, share in new)
+        global_weight, global_indicator, global_bias = _average(new)
     return BatchedModels(global_weight, global_indicator, global_bias, mean, std, site_steps)
