@@ -6,7 +6,7 @@ from pathlib import Path
 from data_synth.cohort import CohortSpec, write_cohort
 from data_synth.generator import generate_site
 from data_synth.sites import site_profile
-from fl.data import site_dir
+from fl.data import SiteSplit, load_site, site_dir
 
 
 def build_sites(root: Path, sizes: dict[str, int], seed: int) -> dict[str, Path]:
@@ -18,3 +18,8 @@ def build_sites(root: Path, sizes: dict[str, int], seed: int) -> dict[str, Path]
         write_cohort(folder / "omop", folder, CohortSpec(seed=seed), site, progress=False)
         folders[site] = folder
     return folders
+
+
+def load_sites(root: Path, sizes: dict[str, int], seed: int) -> dict[str, SiteSplit]:
+    """Build the sites under root (`build_sites`) and return every site's patients, all splits together."""
+    return {site: load_site(folder, "all") for site, folder in build_sites(root, sizes, seed).items()}

@@ -4,18 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl.data import MODEL_INPUTS, load_site
+from fl.data import MODEL_INPUTS
 from fl.federated import initial_weights, weighted_average, LocalResult
 from fl.privacy import membership as mi
 from fl.privacy.experiment import TrainingRecipe, null_control, run
 from fl.privacy.reconstruction import partner_update, reconstruct_record, single_record_gradient
-from synthetic_sites import build_sites
+from synthetic_sites import load_sites
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
-    return {site: load_site(folder, "all") for site, folder in folders.items()}
+    return load_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
 
 
 def _start():

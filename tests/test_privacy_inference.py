@@ -5,22 +5,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl.data import FEATURE_NAMES, MODEL_INPUTS, FeatureStatistics, PreprocessingSpec, load_site
+from fl.data import FEATURE_NAMES, MODEL_INPUTS, FeatureStatistics, PreprocessingSpec
 from fl.federated import initial_weights
 from fl.privacy import attribute as ai
 from fl.privacy import canaries as cn
 from fl.privacy import membership as mi
 from fl.privacy import reconstruction as rc
 from fl.privacy.experiment import TrainingRecipe, run
-from synthetic_sites import build_sites
+from synthetic_sites import load_sites
 
 OVERFIT = dict(rounds=10, local_epochs=100, learning_rate=0.2, weight_decay=0.0)
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
-    return {site: load_site(folder, "all") for site, folder in folders.items()}
+    return load_sites(tmp_path_factory.mktemp("build"), {"halland": 700, "sahlgrenska": 1000}, seed=21)
 
 
 def _start():
@@ -126,20 +125,20 @@ def test_canaries_in_an_overfit_federation_are_exposed_far_above_ordinary_patien
     assert exposure.trials["canaries"] == 8 * 64 // 2
 
 
-def _population_inputs(sites):
+def _reconstruction(sites, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> pd.DataFrame:
+    """Gradient matching on 6 batches of each size, seen under `rounds` random models, indexed by (size, attacker)."""
     features = pd.concat([d.features for d in sites.values()], ignore_index=True)
     labels = np.concatenate([d.labels for d in sites.values()])
     spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([features]))
-    return spec, spec.transform(features).astype(np.float64), labels
+    rng = np.random.default_rng(seed)
+    weight, bias = rng.normal(0, 0.3, size=(rounds, MODEL_INPUTS)), rng.normal(0, 0.3, size=rounds)
+    return pd.DataFrame(rc.batch_reconstruction(spec.transform(features).astype(np.float64), labels, weight, bias,
+                                                rc.feature_levels(spec), len(FEATURE_NAMES), batch_sizes, 6,
+                                                rng)).set_index(["batch_size", "attacker"])
 
 
 def test_gradient_matching_recovers_a_small_batch_seen_over_several_rounds(sites):
-    spec, inputs, labels = _population_inputs(sites)
-    rng = np.random.default_rng(11)
-    weight, bias = rng.normal(0, 0.3, size=(8, MODEL_INPUTS)), rng.normal(0, 0.3, size=8)
-    rows = pd.DataFrame(rc.batch_reconstruction(inputs, labels, weight, bias, rc.feature_levels(spec),
-                                                len(FEATURE_NAMES), (1, 2), 6, rng)).set_index(
-        ["batch_size", "attacker"])
+    rows = _reconstruction(sites, seed=11, rounds=8, batch_sizes=(1, 2))
     for size in (1, 2):
         matched = rows.loc[(size, "gradient matching")]
         assert matched["whole_record_matches"] >= 5 / 6, size
@@ -148,12 +147,7 @@ def test_gradient_matching_recovers_a_small_batch_seen_over_several_rounds(sites
 
 
 def test_one_batch_gradient_hides_a_batch_but_not_a_single_record(sites):
-    spec, inputs, labels = _population_inputs(sites)
-    rng = np.random.default_rng(12)
-    weight, bias = rng.normal(0, 0.3, size=(1, MODEL_INPUTS)), rng.normal(0, 0.3, size=1)
-    rows = pd.DataFrame(rc.batch_reconstruction(inputs, labels, weight, bias, rc.feature_levels(spec),
-                                                len(FEATURE_NAMES), (1, 8), 6, rng)).set_index(
-        ["batch_size", "attacker"])
+    rows = _reconstruction(sites, seed=12, rounds=1, batch_sizes=(1, 8))
     assert rows.loc[(1, "gradient matching"), "whole_record_matches"] == 1.0
     # Eight records behind one gradient of d + 1 numbers: numeric values no better than guessing.
     assert rows.loc[(8, "gradient matching"), "whole_record_matches"] == 0.0

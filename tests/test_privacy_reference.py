@@ -5,19 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from fl.data import FeatureStatistics, PreprocessingSpec, load_site
+from fl.data import FeatureStatistics, PreprocessingSpec
 from fl.federated import fedavg_plain, initial_weights, predict
 from fl.privacy.reference import SiteTensors, member_statistics, membership_masks, train_federated
 from fl.train import TrainConfig
-from synthetic_sites import build_sites
+from synthetic_sites import load_sites
 
 ROUNDS, EPOCHS, LR, WD = 4, 3, 0.05, 1e-4
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
-    folders = build_sites(tmp_path_factory.mktemp("build"), {"halland": 600, "sahlgrenska": 900}, seed=8)
-    return {site: load_site(folder, "all") for site, folder in folders.items()}
+    return load_sites(tmp_path_factory.mktemp("build"), {"halland": 600, "sahlgrenska": 900}, seed=8)
 
 
 def _plain_model(sites, members):
