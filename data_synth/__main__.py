@@ -21,23 +21,23 @@ def _date(text: str) -> dt.date:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_synth", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write one site's synthetic OMOP tables")
-    gen.add_argument("--site", required=True, choices=SITE_NAMES)
-    gen.add_argument("--patients", required=True, type=int)
-    gen.add_argument("--seed", required=True, type=int)
-    gen.add_argument("--out", required=True, type=Path, help="site folder; tables go to OUT/omop/")
-    gen.add_argument("--cohort", action="store_true", help="also build OUT/cohort.parquet")
-    coh = sub.add_parser("cohort", help="build cohort.parquet from an OMOP folder")
-    coh.add_argument("dir", type=Path, help="a site folder holding omop/, or the OMOP folder itself")
-    coh.add_argument("--site", help="site name written in the cohort (default: the folder name)")
-    coh.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    coh.add_argument("--test-fraction", type=float, default=0.3)
-    coh.add_argument("--study-start", type=_date, default=CohortSpec.study_start)
-    coh.add_argument("--study-end", type=_date, default=CohortSpec.study_end)
-    coh.add_argument("--followup-end", type=_date, default=CohortSpec.followup_end)
-    for p in (gen, coh):
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="write one site's synthetic OMOP tables")
+    generate.add_argument("--site", required=True, choices=SITE_NAMES)
+    generate.add_argument("--patients", required=True, type=int)
+    generate.add_argument("--seed", required=True, type=int)
+    generate.add_argument("--out", required=True, type=Path, help="site folder; tables go to OUT/omop/")
+    generate.add_argument("--cohort", action="store_true", help="also build OUT/cohort.parquet")
+    cohort = commands.add_parser("cohort", help="build cohort.parquet from an OMOP folder")
+    cohort.add_argument("dir", type=Path, help="a site folder holding omop/, or the OMOP folder itself")
+    cohort.add_argument("--site", help="site name written in the cohort (default: the folder name)")
+    cohort.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    cohort.add_argument("--test-fraction", type=float, default=0.3)
+    cohort.add_argument("--study-start", type=_date, default=CohortSpec.study_start)
+    cohort.add_argument("--study-end", type=_date, default=CohortSpec.study_end)
+    cohort.add_argument("--followup-end", type=_date, default=CohortSpec.followup_end)
+    for command in (generate, cohort):
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 

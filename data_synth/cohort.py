@@ -41,63 +41,15 @@ from tqdm import tqdm
 from compendium.artifacts import atomic_write
 from data_synth import omop
 from data_synth import vocabulary as vocab
+from data_synth.features import ATTRITION_FILE, COHORT_COLUMNS, COHORT_FILE, LABEL, SPLIT
+# Re-exported until the importers outside data_synth read data_synth.features.
+from data_synth.features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, SCORE_COLUMNS, Feature  # noqa: F401
 from data_synth.risk import egfr_ckd_epi_2021
 from data_synth.sites import COMORBIDITIES
 
-COHORT_FILE = "cohort.parquet"
-ATTRITION_FILE = "attrition.json"
 READMISSION_WINDOW_DAYS = 30
 PERSON_BATCH = 20_000
 _EPOCH = dt.date(1970, 1, 1)
-
-
-@dataclass(frozen=True)
-class Feature:
-    """One modelling variable: its name, kind and why the model needs it (data minimisation)."""
-
-    name: str
-    kind: str  # "numeric" | "binary"
-    source: str
-    why: str
-
-
-#: The modelling variables, in column order. The one list every stage imports.
-FEATURES: tuple[Feature, ...] = (
-    Feature("age", "numeric", "person (birth date) and index admission date", "risk rises with age (weak)"),
-    Feature("female", "binary", "person.gender_concept_id", "women have slightly lower readmission risk"),
-    Feature("los_days", "numeric", "index visit start and end", "longer stays signal severity (LACE L)"),
-    Feature("prior_admissions_365d", "numeric", "inpatient visits in the year before admission", "the strongest known predictor"),
-    Feature("ed_visits_180d", "numeric", "emergency visits in the 180 days before admission", "utilisation predicts readmission (LACE E)"),
-    *(
-        Feature(name, "binary", f"ICD-10 {', '.join(vocab.COMORBIDITY_PREFIXES[name][:4])}... up to discharge",
-                "comorbidity burden drives readmission (LACE C)")
-        for name in COMORBIDITIES
-    ),
-    Feature("nt_probnp", "numeric", "LOINC 33762-6, last value of the stay", "congestion and severity of heart failure"),
-    Feature("creatinine", "numeric", "LOINC 14682-9, last value of the stay", "renal function"),
-    Feature("egfr", "numeric", "CKD-EPI 2021 from creatinine, age and sex", "renal dysfunction raises risk (threshold effects)"),
-    Feature("sodium", "numeric", "LOINC 2951-2, last value of the stay", "hyponatraemia raises risk"),
-    Feature("potassium", "numeric", "LOINC 2823-3, last value of the stay", "both low and high potassium raise risk"),
-    Feature("haemoglobin", "numeric", "LOINC 718-7, last value of the stay", "anaemia raises risk"),
-    Feature("systolic_bp", "numeric", "LOINC 8480-6, last value of the stay", "higher pressure is protective"),
-    Feature("lvef", "numeric", "LOINC 10230-1 (echocardiography) during the stay", "heart-failure phenotype"),
-    *(
-        Feature(f"on_{drug}", "binary", f"ATC {', '.join(vocab.DRUG_ATC[drug][0])} active at discharge",
-                "recommended drugs lower risk; prescribing differs by site")
-        for drug in vocab.DRUG_ATC
-    ),
-)
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
-LABEL = "readmitted_30d"
-#: Columns besides the features. person_id stays at the site (de-duplication,
-#: splitting); no later stage sends it anywhere.
-KEY_COLUMNS = ("person_id", "index_visit_id", "site", "index_admission_date", "index_discharge_date")
-#: Clinical scores kept for description and as references, not as model inputs:
-#: the Charlson index is a fixed sum of comorbidity flags the model already
-#: has, and an exactly collinear input made training ill-conditioned.
-SCORE_COLUMNS = ("charlson_index", "lace_score")
-SPLIT = "split"
-COHORT_COLUMNS = (*KEY_COLUMNS, *FEATURE_NAMES, *SCORE_COLUMNS, LABEL, SPLIT)
 
 
 @dataclass(frozen=True)
@@ -170,7 +122,7 @@ def _open_batches(name: str, path: Path, columns: list[str], batch_rows: int) ->
         # Checked here: iter_batches silently drops a requested column that is absent.
         omop.check_columns(name, parquet.schema_arrow, str(path))
         return _row_group_batches(parquet, columns, batch_rows)
-    types = {c.name: c.type for c in omop.TABLES[name] if c.name in columns}
+    types = {column.name: column.type for column in omop.TABLES[name] if column.name in columns}
     try:
         return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
                               convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns,
@@ -192,7 +144,7 @@ class _TableStream:
     def __init__(self, name: str, path: Path, batch_rows: int = 200_000):
         self.name = name
         self.path = path
-        self._batches = _open_batches(name, path, [c.name for c in omop.TABLES[name]], batch_rows)
+        self._batches = _open_batches(name, path, [column.name for column in omop.TABLES[name]], batch_rows)
         self._buffer: pa.Table | None = None
         self._rows_seen = 0
         self._exhausted = False
@@ -353,7 +305,7 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
         keep &= ~rule
     index = index.loc[keep].reset_index(drop=True)
     if index.empty:
-        return pd.DataFrame(columns=[c for c in COHORT_COLUMNS if c != SPLIT]), attrition
+        return pd.DataFrame(columns=[column for column in COHORT_COLUMNS if column != SPLIT]), attrition
 
     # Each event is paired with every index row of its person (one row per person
     # when one_index_per_patient), then filtered by that row's dates.
@@ -462,13 +414,12 @@ def _lab_features(index: pd.DataFrame, measurements: pa.Table) -> dict[str, np.n
         take = during_stay & _codes_matching(code, (), (loinc,))[events]
         result = np.full(n, np.nan)
         if take.any():
-            r, d, v = rows[take], day[take], value[take]
             # Last value of the stay: sort by (row, day) and keep the last per row.
-            order = np.lexsort((d, r))
-            r, v = r[order], v[order]
-            last = np.ones(r.size, bool)
-            last[:-1] = r[1:] != r[:-1]
-            result[r[last]] = v[last]
+            order = np.lexsort((day[take], rows[take]))
+            taken_rows, taken_values = rows[take][order], value[take][order]
+            last = np.ones(taken_rows.size, bool)
+            last[:-1] = taken_rows[1:] != taken_rows[:-1]
+            result[taken_rows[last]] = taken_values[last]
         out[lab] = result
     return out
 
@@ -505,8 +456,8 @@ def lace_score(los_days, acute, charlson, ed_visits) -> np.ndarray:
     los = np.asarray(los_days, dtype=float)
     l_points = np.select([los < 1, los < 2, los < 3, los < 4, los < 7, los < 14], [0, 1, 2, 3, 4, 5], 7)
     a_points = np.where(np.asarray(acute, bool), 3, 0)
-    ch = np.asarray(charlson, dtype=float)
-    c_points = np.where(ch >= 4, 5, ch)
+    charlson = np.asarray(charlson, dtype=float)
+    c_points = np.where(charlson >= 4, 5, charlson)
     e_points = np.minimum(np.asarray(ed_visits, dtype=float), 4)
     return (l_points + a_points + c_points + e_points).astype(np.int16)
 
@@ -590,7 +541,7 @@ def write_cohort(omop_dir: Path, out_dir: Path | None = None, spec: CohortSpec |
             total.add(attrition)
             if not len(frame):
                 continue
-            table = cohort_table(frame[[c for c in COHORT_COLUMNS if c != SPLIT]])
+            table = cohort_table(frame[[column for column in COHORT_COLUMNS if column != SPLIT]])
             if writer is None:
                 writer = pq.ParquetWriter(staging, table.schema, compression="snappy")
             writer.write_table(table.cast(writer.schema))

@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from scipy.stats import binomtest
 
 from compendium.disclosure import MIN_CELL, SUPPRESSED, count_cell, count_percent_cell, is_small
-from data_synth.cohort import FEATURES, LABEL, SCORE_COLUMNS, Attrition, Feature
+from data_synth.cohort import Attrition
+from data_synth.features import FEATURES, LABEL, SCORE_COLUMNS, Feature
 
 ATTRITION_STEPS = {
     "persons": "persons in the OMOP extract",
@@ -31,8 +33,8 @@ ATTRITION_STEPS = {
     "readmitted_30d": "readmitted within 30 days",
 }
 
-#: Published anchors for the data card (CALIBRATION.md): quantity -> (how to
-#: compute it from a cohort, published value, source).
+#: Published anchors for the data card: quantity -> (published value, source).
+#: docs/calibration.md gives each source in full and where the generator uses it.
 PUBLISHED_ANCHORS: dict[str, tuple[str, str]] = {
     "age, median": ("80 [71-87] national register; 77 [69-84] SwedeHF", "SwedeHF; national patient register"),
     "women, %": ("46.5% national register; 38% SwedeHF", "SwedeHF; national patient register"),
@@ -70,7 +72,7 @@ def _median_iqr(values: pd.Series, decimals: int = 0) -> str:
 
 def _narrow(cohorts: dict[str, pd.DataFrame], name: str) -> bool:
     """Return True for a non-integer variable whose interquartile range is under 2 units (shown with a decimal)."""
-    values = pd.concat([c[name] for c in cohorts.values()]).dropna()
+    values = pd.concat([cohort[name] for cohort in cohorts.values()]).dropna()
     if values.empty or (values % 1 == 0).all():
         return False
     q1, q3 = np.percentile(values, [25, 75])
@@ -88,36 +90,37 @@ def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FE
     are suppressed too.
     """
     rows = []
-    rows.append(("index stays, n", {s: count_cell(len(c)) for s, c in cohorts.items()}))
+    rows.append(("index stays, n", {site: count_cell(len(cohort)) for site, cohort in cohorts.items()}))
     rows.append(("readmitted within 30 days, n (%)",
-                 {s: count_percent_cell(int(c[LABEL].sum()), len(c)) for s, c in cohorts.items()}))
+                 {site: count_percent_cell(int(cohort[LABEL].sum()), len(cohort)) for site, cohort in cohorts.items()}))
     last_missing = None
     for feature in features:
         if feature.kind == "binary":
             label = f"{feature.name}, n (%)"
-            cells = {s: count_percent_cell(int(c[feature.name].sum()), int(c[feature.name].notna().sum()))
-                     for s, c in cohorts.items()}
+            cells = {site: count_percent_cell(int(cohort[feature.name].sum()), int(cohort[feature.name].notna().sum()))
+                     for site, cohort in cohorts.items()}
         else:
             label = f"{feature.name}, median [IQR]"
             decimals = 1 if feature.name in ("potassium",) or _narrow(cohorts, feature.name) else 0
-            cells = {s: _median_iqr(c[feature.name], decimals) for s, c in cohorts.items()}
-        cells = {s: "not recorded" if c[feature.name].isna().all() else cells[s] for s, c in cohorts.items()}
+            cells = {site: _median_iqr(cohort[feature.name], decimals) for site, cohort in cohorts.items()}
+        cells = {site: "not recorded" if cohort[feature.name].isna().all() else cells[site]
+                 for site, cohort in cohorts.items()}
         rows.append((label, cells))
-        missing = {s: int(c[feature.name].isna().sum()) for s, c in cohorts.items()}
+        missing = {site: int(cohort[feature.name].isna().sum()) for site, cohort in cohorts.items()}
         # The 0/1 columns of one categorical variable (ef_HFrEF after ef_HFmrEF) share its missing count: show it once.
         shown = (feature.name.rsplit("_", 1)[0], tuple(missing.values()))
         if any(missing.values()) and shown != last_missing:
             last_missing = shown
             rows.append((f"{feature.name} missing, n (%)",
-                         {s: count_percent_cell(missing[s], len(c)) for s, c in cohorts.items()}))
-    for score in (s for s in SCORE_COLUMNS if all(s in c for c in cohorts.values())):
+                         {site: count_percent_cell(missing[site], len(cohort)) for site, cohort in cohorts.items()}))
+    for score in (name for name in SCORE_COLUMNS if all(name in cohort for cohort in cohorts.values())):
         rows.append((f"{score} (not a model input), median [IQR]",
-                     {s: _median_iqr(c[score]) for s, c in cohorts.items()}))
+                     {site: _median_iqr(cohort[score]) for site, cohort in cohorts.items()}))
     table = pd.DataFrame({label: cells for label, cells in rows}).T
     for columns in (groups or {}).values():
-        for site, c in cohorts.items():
-            observed = c[columns[0]].notna()
-            reference = int(observed.sum() - c.loc[observed, columns].sum().sum())
+        for site, cohort in cohorts.items():
+            observed = cohort[columns[0]].notna()
+            reference = int(observed.sum() - cohort.loc[observed, columns].sum().sum())
             if is_small(reference):
                 table.loc[[f"{name}, n (%)" for name in columns], site] = SUPPRESSED
     return table
@@ -125,32 +128,32 @@ def table_one(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FE
 
 def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Return each anchored quantity per site next to its published value and source."""
-    def pct(c, col):
-        return f"{100 * c[col].mean():.1f}%"
+    def percent(column):
+        return lambda cohort: f"{100 * cohort[column].mean():.1f}%"
 
-    def med(c, col, d=0):
-        return f"{c[col].median():,.{d}f}"
+    def median(column):
+        return lambda cohort: f"{cohort[column].median():,.0f}"
 
     compute = {
-        "age, median": lambda c: med(c, "age"),
-        "women, %": lambda c: pct(c, "female"),
-        "length of stay, median days": lambda c: med(c, "los_days"),
-        "30-day readmission, %": lambda c: pct(c, LABEL),
-        "NT-proBNP, median ng/L": lambda c: med(c, "nt_probnp"),
-        "eGFR, median": lambda c: med(c, "egfr"),
-        "sodium, median mmol/L": lambda c: med(c, "sodium"),
-        "haemoglobin, median g/L": lambda c: med(c, "haemoglobin"),
-        "LVEF missing, %": lambda c: f"{100 * c['lvef'].isna().mean():.1f}%",
-        "diabetes, %": lambda c: pct(c, "diabetes"),
-        "COPD, %": lambda c: pct(c, "copd"),
-        "atrial fibrillation, %": lambda c: pct(c, "atrial_fibrillation"),
-        "on beta-blocker at discharge, %": lambda c: pct(c, "on_beta_blocker"),
-        "on MRA at discharge, %": lambda c: pct(c, "on_mra"),
+        "age, median": median("age"),
+        "women, %": percent("female"),
+        "length of stay, median days": median("los_days"),
+        "30-day readmission, %": percent(LABEL),
+        "NT-proBNP, median ng/L": median("nt_probnp"),
+        "eGFR, median": median("egfr"),
+        "sodium, median mmol/L": median("sodium"),
+        "haemoglobin, median g/L": median("haemoglobin"),
+        "LVEF missing, %": lambda cohort: f"{100 * cohort['lvef'].isna().mean():.1f}%",
+        "diabetes, %": percent("diabetes"),
+        "COPD, %": percent("copd"),
+        "atrial fibrillation, %": percent("atrial_fibrillation"),
+        "on beta-blocker at discharge, %": percent("on_beta_blocker"),
+        "on MRA at discharge, %": percent("on_mra"),
     }
     rows = []
     for quantity, (published, source) in PUBLISHED_ANCHORS.items():
         row = {"quantity": quantity}
-        row.update({f"synthetic {site}": compute[quantity](c) for site, c in cohorts.items()})
+        row.update({f"synthetic {site}": compute[quantity](cohort) for site, cohort in cohorts.items()})
         row.update({"published": published, "source": source})
         rows.append(row)
     return pd.DataFrame(rows).set_index("quantity")
@@ -160,43 +163,35 @@ def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5, age: str = "
                    female: str = "female") -> pd.DataFrame:
     """Return patients per site, sex and age band; small counts become NaN (not plotted)."""
     frames = []
-    for site, c in cohorts.items():
-        c = c.loc[c[age].notna() & c[female].notna()]
-        lower = (np.floor(c[age] / band) * band).astype(int)
-        counts = (pd.DataFrame({"age_band": lower, "sex": np.where(c[female] == 1, "women", "men")})
+    for site, cohort in cohorts.items():
+        cohort = cohort.loc[cohort[age].notna() & cohort[female].notna()]
+        lower = (np.floor(cohort[age] / band) * band).astype(int)
+        counts = (pd.DataFrame({"age_band": lower, "sex": np.where(cohort[female] == 1, "women", "men")})
                   .value_counts().rename("patients").reset_index())
         counts["site"] = site
         frames.append(counts)
     out = pd.concat(frames, ignore_index=True).sort_values(["site", "sex", "age_band"])
     out["patients"] = out["patients"].astype(float).mask(is_small(out["patients"].to_numpy()))
     lowers = sorted(out["age_band"].unique())
-    labels = {a: f"{a}-{a + band - 1}" for a in lowers}
-    out["age_band"] = pd.Categorical(out["age_band"].map(labels), categories=[labels[a] for a in lowers], ordered=True)
+    labels = {lower: f"{lower}-{lower + band - 1}" for lower in lowers}
+    out["age_band"] = pd.Categorical(out["age_band"].map(labels), categories=[labels[lower] for lower in lowers],
+                                     ordered=True)
     return out.reset_index(drop=True)
 
 
 def readmission_rates(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Return each site's readmission rate with a 95% Wilson interval (not shown where a count is under 5)."""
     rows = []
-    for site, c in cohorts.items():
-        n, k = len(c), int(c[LABEL].sum())
-        low, high = wilson_interval(k, n)
+    for site, cohort in cohorts.items():
+        n, k = len(cohort), int(cohort[LABEL].sum())
         if is_small(k) or is_small(n - k):
             rows.append({"site": site, "index_stays": np.nan, "readmitted": np.nan, "rate": np.nan, "low": np.nan,
                          "high": np.nan})
             continue
-        rows.append({"site": site, "index_stays": n, "readmitted": k, "rate": k / n, "low": low, "high": high})
+        interval = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        rows.append({"site": site, "index_stays": n, "readmitted": k, "rate": k / n, "low": interval.low,
+                     "high": interval.high})
     return pd.DataFrame(rows)
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Return the Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (np.nan, np.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def missingness(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
@@ -204,9 +199,9 @@ def missingness(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = 
 
     A share whose count of missing (or of present) values is under 5 is NaN: not shown.
     """
-    names = [f.name for f in features]
-    missing = pd.DataFrame({site: c[names].isna().sum() for site, c in cohorts.items()})
-    sizes = pd.Series({site: len(c) for site, c in cohorts.items()})
+    names = [feature.name for feature in features]
+    missing = pd.DataFrame({site: cohort[names].isna().sum() for site, cohort in cohorts.items()})
+    sizes = pd.Series({site: len(cohort) for site, cohort in cohorts.items()})
     table = missing / sizes
     small = is_small(missing.to_numpy()) | is_small((sizes.to_numpy() - missing.to_numpy()))
     return table.mask(small).loc[missing.max(axis=1) > 0]
@@ -220,7 +215,7 @@ def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
                               columns=["condition_source_value", "condition_status_concept_id"])
         main = table.filter(pc.equal(table.column("condition_status_concept_id"), 32902))
         counts = pc.value_counts(main.column("condition_source_value").combine_chunks()).to_pylist()
-        frame = pd.DataFrame([(c["values"], c["counts"]) for c in counts], columns=["code", "records"])
+        frame = pd.DataFrame([(count["values"], count["counts"]) for count in counts], columns=["code", "records"])
         frame = frame.loc[~is_small(frame["records"].to_numpy())]
         frame["share"] = frame["records"] / frame["records"].sum()
         frame["site"] = site
@@ -230,22 +225,22 @@ def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
 
 def standardised_differences(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
     """Return the standardised mean difference of each variable between the first two sites."""
-    (a_name, a), (b_name, b) = list(cohorts.items())[:2]
+    (first_site, first), (second_site, second) = list(cohorts.items())[:2]
     rows = []
     for feature in features:
-        x, y = a[feature.name].dropna(), b[feature.name].dropna()
+        x, y = first[feature.name].dropna(), second[feature.name].dropna()
         pooled_sd = np.sqrt((x.var() + y.var()) / 2)
         smd = (x.mean() - y.mean()) / pooled_sd if pooled_sd > 0 else 0.0
         rows.append({"variable": feature.name, "smd": smd})
     out = pd.DataFrame(rows)
-    out.attrs["comparison"] = f"{a_name} minus {b_name}"
+    out.attrs["comparison"] = f"{first_site} minus {second_site}"
     return out.sort_values("smd", key=np.abs, ascending=False)
 
 
 def variables_table(features: Sequence[Feature] = FEATURES) -> pd.DataFrame:
     """Return every modelling variable with its source and why it is needed."""
-    return pd.DataFrame([{"variable": f.name, "type": f.kind, "source": f.source, "why it is needed": f.why}
-                         for f in features]).set_index("variable")
+    return pd.DataFrame([{"variable": feature.name, "type": feature.kind, "source": feature.source,
+                          "why it is needed": feature.why} for feature in features]).set_index("variable")
 
 
 # ---------------------------------------------------------------- figures
@@ -340,8 +335,8 @@ def plot_lab_distributions(cohorts: dict[str, pd.DataFrame], labs=("nt_probnp", 
     labs = tuple(labs)
     fig, axes = plt.subplots(1, len(labs), figsize=(3.0 * len(labs), 3.2), squeeze=False)
     for ax, lab in zip(axes[0], labs):
-        frame = pd.concat([pd.DataFrame({"site": s, lab: c[lab]}) for s, c in cohorts.items()
-                           if c[lab].notna().sum() >= MIN_FOR_DISTRIBUTION], ignore_index=True)
+        frame = pd.concat([pd.DataFrame({"site": site, lab: cohort[lab]}) for site, cohort in cohorts.items()
+                           if cohort[lab].notna().sum() >= MIN_FOR_DISTRIBUTION], ignore_index=True)
         sns.boxplot(data=frame, x="site", y=lab, hue="site", whis=(5, 95), showfliers=False, ax=ax, legend=False)
         if lab in log_scale:
             ax.set_yscale("log")

@@ -23,10 +23,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_synth.features import KEY_COLUMNS, LABEL, SCORE_COLUMNS, SPLIT
+
 MIN_SITES, MAX_SITES = 2, 10
 TABLE_SUFFIXES = (".csv", ".parquet")
 #: Names a feature may not take: they are the cohort file's own columns.
-RESERVED = ("readmitted_30d", "split", "site", "person_id", "index_visit_id", "lace_score", "charlson_index")
+RESERVED = (LABEL, SPLIT, *KEY_COLUMNS, *SCORE_COLUMNS)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -210,7 +212,8 @@ class Dataset:
         for site in self.sites:
             path = self.source(site)
             if path.is_dir():
-                files.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+                files.update(file for file in path.rglob("*")
+                             if file.is_file() and file.suffix.lower() in TABLE_SUFFIXES)
             elif path.is_file():
                 files.add(path)
         return sorted(files)

@@ -9,12 +9,19 @@ is written before the next chunk is generated, so memory stays flat as the
 site grows.
 
 Generation follows each patient's true state (see `risk.PatientState`)
-through the record: the index heart-failure stay, history before it
-(admissions, emergency visits, diagnoses, labs), discharge prescriptions,
-and what follows discharge (readmissions, planned admissions, emergency
-visits, deaths). What follows discharge deliberately carries signal about
-the label (labs and prescriptions at the readmission), so a cohort builder
-that looks past the index discharge is caught by the tests.
+through the record, one step after the other on the chunk's one random
+stream: who the patients are (`_draw_patients`), how the index
+heart-failure stay ends and what follows it (`_draw_course`), the visits
+(`_draw_visits`), deaths, diagnoses, laboratory values and prescriptions.
+What follows discharge deliberately carries signal about the label (labs and
+prescriptions at the readmission), so a cohort builder that looks past the
+index discharge is caught by the tests.
+
+The published figures behind the tables below, and where each is used, are
+listed in docs/calibration.md; "assumption" marks a value with no published
+anchor. The steps draw from the stream in a fixed order with fixed shapes:
+reordering draws, or drawing a different number of values, changes every
+table that follows, so it is a change of the data, not a refactoring.
 """
 from __future__ import annotations
 
@@ -50,6 +57,185 @@ PARQUET_OPTIONS = dict(compression="snappy", use_dictionary=True, write_statisti
 _EPOCH = dt.date(1970, 1, 1)
 
 
+# ---------------------------------------------------------------- model forms
+@dataclass(frozen=True)
+class TrueValue:
+    """A continuous true value: centre + sum of effect * predictor + Normal(0, noise_sd).
+
+    With `log`, the sum is on the log scale and `centre` is the median. A
+    centre of None is the site's own (a SiteProfile field).
+    """
+
+    centre: float | None
+    effects: dict[str, float]
+    noise_sd: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class CountModel:
+    """A Poisson count whose log-mean is log_mean + sum of effect * predictor, capped at `cap`."""
+
+    log_mean: float
+    effects: dict[str, float]
+    cap: int
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """A yes/no with probability sigmoid(logit(rate) + sum of effect * predictor).
+
+    `rate` is that of a patient whose predictors are all zero; None takes the
+    site's own (a SiteProfile field).
+    """
+
+    rate: float | None
+    effects: dict[str, float]
+
+
+# ---------------------------------------------------------------- who the patients are
+#: Women with heart failure are older than men (docs/calibration.md "Age and
+#: sex"; the size is an assumption): years added to a woman's mean age,
+#: relative to the site's female share so the site's median age holds.
+WOMEN_OLDER_BY_YEARS = 2.0
+#: Ages are drawn normal around the site's median and clipped to this range.
+AGE_RANGE_YEARS = (40, 104)
+#: Age enters the models below in decades from 80 (the register median).
+AGE_CENTRE_YEARS = 80.0
+AGE_DECADE_YEARS = 10.0
+#: Each comorbidity's prevalence is the site's (SiteProfile.comorbidity_prevalence);
+#: these make them co-occur. Loading on the latent frailty (per SD) and slope
+#: per decade of age; assumptions giving the known directions (dementia and
+#: atrial fibrillation rise with age, psychiatric diagnoses fall).
+COMORBIDITY_FRAILTY_LOADING: dict[str, float] = {
+    name: 0.5 if name in ("renal_failure", "copd", "psychiatric", "dementia") else 0.3 for name in COMORBIDITIES
+}
+COMORBIDITY_AGE_SLOPE: dict[str, float] = {
+    name: {"dementia": 0.6, "atrial_fibrillation": 0.3, "cancer": 0.2, "psychiatric": -0.2}.get(name, 0.0)
+    for name in COMORBIDITIES
+}
+#: Share of women moved to preserved EF on top of the site's EF classes
+#: (women more often have HFpEF; assumption on the size).
+WOMEN_EXTRA_HFPEF = 0.12
+#: LVEF (%) drawn uniformly inside each EF class, [low, high): HFrEF up to 40,
+#: HFmrEF 41-49, HFpEF 50 and above (ESC 2021 definitions, docs/calibration.md "Ejection fraction").
+LVEF_RANGES = ((15, 41), (41, 50), (50, 71))
+#: True values at index discharge. Centres and spreads put the medians and
+#: interquartile ranges near SwedeHF's (docs/calibration.md "Laboratory
+#: values"; systolic pressure is an assumption). Effects are per SD of
+#: frailty, per decade of age, or for having the condition: assumed sizes in
+#: the known directions.
+TRUE_LABS: dict[str, TrueValue] = {
+    "nt_probnp": TrueValue(3500, {"frailty": 0.45, "hfref": 0.35, "renal_failure": 0.4, "age_decades": 0.15},
+                           1.05, log=True),
+    "creatinine": TrueValue(95, {"renal_failure": 0.45, "frailty": 0.08, "female": -0.12}, 0.26, log=True),
+    "sodium": TrueValue(140.0, {"frailty": -0.9}, 2.6),
+    "potassium": TrueValue(4.2, {"renal_failure": 0.15, "frailty": 0.05}, 0.42),
+    "haemoglobin": TrueValue(130.0, {"female": -7.0, "frailty": -5.0, "renal_failure": -8.0}, 17),
+    "systolic_bp": TrueValue(128.0, {"hfref": -8.0, "frailty": -4.0}, 19),
+}
+#: Use of care before the index stay (docs/calibration.md "Utilisation"):
+#: about 40% have an admission in the prior year (target 30-55%, SwedeHF 55%).
+PRIOR_ADMISSIONS_365D = CountModel(-0.75, {"frailty": 0.55, "copd": 0.25, "renal_failure": 0.2}, cap=12)
+ED_VISITS_180D = CountModel(-0.45, {"frailty": 0.5, "psychiatric": 0.3}, cap=15)
+#: Admissions 1 to HISTORY_YEARS years before (assumption).
+OLDER_ADMISSIONS = CountModel(0.1, {"frailty": 0.4}, cap=15)
+#: Length of the index stay: log-normal around the site's median (SwedeHF 5
+#: [3-9] days, docs/calibration.md "Length of stay"), in whole days.
+LENGTH_OF_STAY = TrueValue(None, {"frailty": 0.15}, 0.62, log=True)
+LENGTH_OF_STAY_RANGE_DAYS = (1, 60)
+#: Discharge prescriptions (SwedeHF rates, docs/calibration.md "Drugs at
+#: discharge"); fewer RAS inhibitors and MRAs with poor renal function, more
+#: loop diuretics with frailty (assumed sizes).
+DISCHARGE_DRUGS: dict[str, Logistic] = {
+    "ras_or_arni": Logistic(0.80, {"egfr_below_30": -1.0, "age_over_88": -0.3}),
+    "mra": Logistic(0.40, {"hfref": 0.6, "egfr_below_30": -1.0, "potassium_above_5": -0.8}),
+    "loop_diuretic": Logistic(0.80, {"frailty": 0.3}),
+}
+BETA_BLOCKER_RATE = 0.85
+#: ARNI (sacubitril/valsartan) replaces part of the RAS inhibition, from this
+#: year on, more often in HFrEF (its indication): the site's ARNI share times
+#: these factors (assumptions).
+ARNI_FIRST_YEAR = 2017
+ARNI_SHARE_FACTOR_HFREF, ARNI_SHARE_FACTOR_OTHER = 1.6, 0.4
+#: SGLT2 inhibitors by index year (SwedeHF: about 10% before 2020, about 50%
+#: from 2022; the study window ends in 2021), more with diabetes (their first
+#: indication; assumed size).
+SGLT2_RATE_TO_2019, SGLT2_RATE_2020, SGLT2_RATE_FROM_2021 = 0.08, 0.20, 0.35
+SGLT2_DIABETES_EXTRA = 0.15
+
+# ---------------------------------------------------------------- the course after the index stay
+#: Death in hospital: the site's rate (SiteProfile.in_hospital_death), higher with frailty.
+IN_HOSPITAL_DEATH = Logistic(None, {"frailty": 0.6})
+#: Day of an unplanned readmission, 1 + floor(30 * Beta(a, b)): earlier days
+#: more likely (assumption on the shape; the rate is the true risk).
+READMISSION_DAY_BETA = (1.0, 1.6)
+#: Unplanned admissions 31-365 days after discharge among those not readmitted
+#: within 30 days: Wideqvist 2021 (20.3% by 30 days, 60.9% by one year)
+#: implies about half (docs/calibration.md "Readmission").
+LATER_ADMISSION_RATE = 0.45
+LATER_ADMISSION_DAYS = (31, 366)
+#: Planned admissions (site's rate) start 2-30 days after discharge.
+PLANNED_ADMISSION_DAYS = (2, 31)
+#: Emergency visits without admission within 30 days of discharge (assumption).
+ED_AFTER_DISCHARGE_RATE = 0.08
+ED_AFTER_DISCHARGE_DAYS = (1, 31)
+#: Visits before the index stay: days before its start, [low, high).
+PRIOR_ADMISSION_DAYS_BEFORE = (2, 366)
+OLDER_ADMISSION_DAYS_BEFORE = (366, 365 * HISTORY_YEARS)
+ED_VISIT_DAYS_BEFORE = (1, 181)
+#: Each stay lasts 1 + Poisson(mean) days; emergency visits end the day they start (assumption).
+STAY_EXTRA_DAYS_MEAN: dict[str, float] = {
+    "prior_admission": 3.5, "older_admission": 3.0, "readmission": 4.0, "later_admission": 4.0, "planned": 1.0,
+}
+#: Visits after discharge: OMOP visit concept and where the patient came from.
+FOLLOW_UP_VISITS: dict[str, tuple[int, int]] = {
+    "readmission": (vocab.VISIT_EMERGENCY_INPATIENT, vocab.ADMITTED_FROM_EMERGENCY_ROOM),
+    "later_admission": (vocab.VISIT_EMERGENCY_INPATIENT, vocab.ADMITTED_FROM_EMERGENCY_ROOM),
+    "planned": (vocab.VISIT_INPATIENT, vocab.ADMITTED_FROM_HOME),
+    "ed_after": (vocab.VISIT_EMERGENCY, vocab.ADMITTED_FROM_HOME),
+}
+#: Death after discharge, within a year of the patient's last visit (assumption).
+LATER_DEATH = Logistic(0.15, {"frailty": 0.7, "age_decades": 0.4})
+LATER_DEATH_DAYS_AFTER = (1, 366)
+
+# ---------------------------------------------------------------- how the record is written
+#: A present comorbidity coded at an earlier admission: this share of the
+#: site's coding completeness (assumption).
+HISTORY_CODING_FACTOR = 0.35
+#: Heart failure coded as a secondary diagnosis at admissions in the prior year (assumption).
+KNOWN_HF_AT_PRIOR_ADMISSION = 0.6
+#: Share of unplanned admissions after discharge whose main diagnosis is
+#: heart failure: about 60% of 30-day readmissions (docs/calibration.md
+#: "Readmission"), assumed lower later on.
+HF_SHARE_OF_READMISSIONS = 0.6
+HF_SHARE_OF_LATER_ADMISSIONS = 0.5
+#: Lab value at admission relative to the true value at discharge: patients
+#: arrive congested (higher NT-proBNP, lower sodium; assumed sizes).
+ADMISSION_FACTOR: dict[str, float] = {
+    "nt_probnp": 1.45, "creatinine": 1.05, "sodium": 0.995, "potassium": 1.0,
+    "haemoglobin": 1.02, "systolic_bp": 1.08, "lvef": 1.0,
+}
+#: Relative measurement noise (SD) at admission, at discharge and at earlier admissions.
+ADMISSION_NOISE_SD, DISCHARGE_NOISE_SD, HISTORY_NOISE_SD = 0.06, 0.03, 0.1
+#: Echocardiography on day 0 to ECHO_WITHIN_DAYS - 1 of the stay (not after discharge).
+ECHO_WITHIN_DAYS = 4
+#: Labs recorded at earlier admissions, and at the readmission (a leakage trap).
+HISTORY_LABS = ("creatinine", "haemoglobin")
+READMISSION_LABS = ("nt_probnp", "sodium")
+#: Decimals each lab is reported with (others: whole numbers).
+LAB_DECIMALS = {"potassium": 1}
+#: Prescriptions last this many days; a patient on a drug at discharge was on
+#: it before the stay with this probability, started this many days before.
+PRESCRIPTION_DAYS = 90
+ON_DRUG_BEFORE_STAY = 0.5
+DRUG_STARTED_DAYS_BEFORE = (30, 300)
+
+#: 1 / 1.7**2: a logistic-normal mean is close to the logistic of the mean
+#: scaled by sqrt(1 + this * variance) (the probit approximation).
+_LOGISTIC_NORMAL_FACTOR = 0.346
+
+
 def _days(date: dt.date) -> int:
     return (date - _EPOCH).days
 
@@ -59,10 +245,36 @@ def _logit(p: float | np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _linear(intercept: float, effects: dict[str, float], predictors: dict[str, np.ndarray]) -> np.ndarray:
+    """Return intercept + sum of effect * predictor, summed in the table's order."""
+    value = intercept
+    for name, effect in effects.items():
+        value = value + effect * predictors[name]
+    return value
+
+
+def _probability(model: Logistic, predictors: dict[str, np.ndarray], rate: float | None = None) -> np.ndarray:
+    """Return each patient's probability under a Logistic model (`rate` for a site's own)."""
+    return sigmoid(_linear(_logit(model.rate if rate is None else rate), model.effects, predictors))
+
+
+def _draw_true_value(rng: np.random.Generator, model: TrueValue, predictors: dict[str, np.ndarray], n: int,
+                     centre: float | None = None) -> np.ndarray:
+    """Return n draws of a TrueValue (`centre` for a site's own)."""
+    centre = model.centre if centre is None else centre
+    value = _linear(np.log(centre) if model.log else centre, model.effects, predictors)
+    value = value + rng.normal(0, model.noise_sd, n)
+    return np.exp(value) if model.log else value
+
+
+def _draw_count(rng: np.random.Generator, model: CountModel, predictors: dict[str, np.ndarray]) -> np.ndarray:
+    """Return one draw of a CountModel per patient."""
+    return np.minimum(rng.poisson(np.exp(_linear(model.log_mean, model.effects, predictors))), model.cap)
+
+
 def _bernoulli_marginal(rng: np.random.Generator, prevalence: float, shift: np.ndarray, shift_var: float) -> np.ndarray:
     """Return Bernoulli draws whose marginal rate stays near `prevalence` despite a random shift."""
-    # Logistic-normal approximation: scaling the base logit keeps the mean.
-    base = _logit(prevalence) * np.sqrt(1.0 + 0.346 * shift_var)
+    base = _logit(prevalence) * np.sqrt(1.0 + _LOGISTIC_NORMAL_FACTOR * shift_var)
     return rng.random(shift.shape[0]) < sigmoid(base + shift)
 
 
@@ -116,18 +328,24 @@ _UNIT_OF_LAB = np.array([_UNITS.index(unit) for _, unit in vocab.LAB_LOINC.value
 _DRUG_CLASSES = tuple(vocab.DRUG_ATC)
 _DRUG_CODES: tuple[str, ...] = tuple(code for _, codes in vocab.DRUG_ATC.values() for code in codes)
 _DRUG_INDEX = {code: i for i, code in enumerate(_DRUG_CODES)}
-_OTHER_CODE_IDX = np.array([_CONDITION_INDEX[c] for c in vocab.OTHER_ADMISSION_CODES], np.int32)
-_PLANNED_CODE_IDX = np.array([_CONDITION_INDEX[c] for c in vocab.PLANNED_ADMISSION_CODES], np.int32)
+_HF_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.HF_INDEX_CODES], np.int32)
+_OTHER_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.OTHER_ADMISSION_CODES], np.int32)
+_PLANNED_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.PLANNED_ADMISSION_CODES], np.int32)
 _HF_SECONDARY_IDX = _CONDITION_INDEX["I50.9"]
 
 
 def _condition_codes_for(rng: np.random.Generator, name: str, n: int) -> np.ndarray:
-    codes = np.array([_CONDITION_INDEX[c] for c in vocab.COMORBIDITY_CODES[name]], np.int32)
+    codes = np.array([_CONDITION_INDEX[code] for code in vocab.COMORBIDITY_CODES[name]], np.int32)
     return codes[_pick(rng, n, codes.size)]
 
 
+def _other_causes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Return n main diagnoses of admissions for causes other than heart failure."""
+    return _OTHER_CODE_IDX[_pick(rng, n, _OTHER_CODE_IDX.size)]
+
+
 def _drug_codes_for(rng: np.random.Generator, drug_class: str, n: int) -> np.ndarray:
-    codes = np.array([_DRUG_INDEX[c] for c in vocab.DRUG_ATC[drug_class][1]], np.int32)
+    codes = np.array([_DRUG_INDEX[code] for code in vocab.DRUG_ATC[drug_class][1]], np.int32)
     return codes[_pick(rng, n, codes.size)]
 
 
@@ -139,325 +357,410 @@ class ChunkTables:
     ground_truth: pa.Table
 
 
+@dataclass(frozen=True)
+class _Patients:
+    """One chunk's patients: true state at index discharge, index stay dates, drugs, true risk."""
+
+    state: PatientState
+    age_decades: np.ndarray  # (age - AGE_CENTRE_YEARS) / AGE_DECADE_YEARS
+    birth: np.ndarray  # days since 1970
+    index_start: np.ndarray  # days since 1970
+    index_end: np.ndarray
+    older_admissions: np.ndarray
+    true_labs: dict[str, np.ndarray]  # keyed by vocabulary.LAB_LOINC: what each lab would measure
+    on_drug: dict[str, np.ndarray]  # keyed by vocabulary.DRUG_ATC: prescribed at discharge
+    true_risk: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return self.index_start.shape[0]
+
+
+@dataclass(frozen=True)
+class _Course:
+    """How each index stay ends, and which visits follow discharge (FOLLOW_UP_VISITS kinds)."""
+
+    died: np.ndarray
+    transferred: np.ndarray
+    against_advice: np.ndarray
+    hf_main_diagnosis: np.ndarray
+    #: visit kind -> (who has one, its start in days after discharge)
+    follow_up: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class _VisitGroup:
+    """Visits of one kind: whose (positions in the chunk), their ids, start and end days."""
+
+    who: np.ndarray
+    ids: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> "_VisitGroup":
+        return _VisitGroup(self.who[mask], self.ids[mask], self.start[mask], self.end[mask])
+
+
+class _VisitLog:
+    """The visit_occurrence rows of one chunk; ids follow the order visits are added."""
+
+    def __init__(self, id_base: np.int64):
+        self.id_base = id_base
+        self.count = 0
+        self.rows = _Events.empty([
+            "visit_occurrence_id", "person", "visit_concept_id", "visit_start_date", "visit_end_date",
+            "admitted_from_concept_id", "discharged_to_concept_id",
+        ])
+
+    def add(self, who: np.ndarray, concept: int, start: np.ndarray, end: np.ndarray, admitted_from: int,
+            discharged_to: np.ndarray | int) -> _VisitGroup:
+        ids = self.id_base + self.count + np.arange(who.shape[0], dtype=np.int64)
+        self.count += who.shape[0]
+        discharged = np.asarray(discharged_to, np.int32) if np.ndim(discharged_to) else np.int32(discharged_to)
+        self.rows.add(visit_occurrence_id=ids, person=who, visit_concept_id=np.int32(concept),
+                      visit_start_date=start, visit_end_date=end, admitted_from_concept_id=np.int32(admitted_from),
+                      discharged_to_concept_id=discharged)
+        return _VisitGroup(who, ids, start, end)
+
+
+class _DiagnosisLog:
+    """The condition_occurrence rows of one chunk: diagnoses made at visits."""
+
+    def __init__(self):
+        self.rows = _Events.empty(["person", "date", "status", "visit", "code"])
+
+    def add(self, visits: _VisitGroup, status: int, code: np.ndarray | np.int32) -> None:
+        """Add one diagnosis (`code`, a condition index or one per visit) at each of `visits`, on its first day."""
+        self.rows.add(person=visits.who, date=visits.start, status=np.int32(status), visit=visits.ids, code=code)
+
+
 def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients: int) -> ChunkTables:
     """Return the OMOP tables for patients chunk_index*CHUNK_PATIENTS .. + n_patients."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, profile.site_code, chunk_index]))
-    n = n_patients
     first = chunk_index * CHUNK_PATIENTS
-    person_id = np.int64(profile.site_code) * 1_000_000_000 + first + np.arange(n, dtype=np.int64)
+    person_id = np.int64(profile.site_code) * 1_000_000_000 + first + np.arange(n_patients, dtype=np.int64)
     id_base = (np.int64(profile.site_code) << 40) + (np.int64(chunk_index) << 27)
-    person_idx = np.arange(n)
 
-    # --- who the patients are -------------------------------------------
-    female = rng.random(n) < profile.female_fraction
-    # Women with heart failure are older (national register); +2 years.
-    age = np.clip(rng.normal(profile.age_median + 2.0 * (female - profile.female_fraction), profile.age_sd, n), 40, 104)
-    frailty = rng.standard_normal(n)
-    index_start = rng.integers(_days(STUDY_START), _days(STUDY_END) + 1, size=n)
-    birth = index_start - np.floor(age * 365.25).astype(np.int64) - rng.integers(0, 365, size=n)
-    birth_dates = np.array(birth, dtype="datetime64[D]")
-    year_of_birth = birth_dates.astype("datetime64[Y]").astype(np.int64) + 1970
-    month_of_birth = birth_dates.astype("datetime64[M]").astype(np.int64) % 12 + 1
-    day_of_birth = (birth_dates - birth_dates.astype("datetime64[M]")).astype(np.int64) + 1
-
-    age_z = (age - 80.0) / 10.0
-    comorbidity = {}
-    for name in COMORBIDITIES:
-        loading = 0.5 if name in ("renal_failure", "copd", "psychiatric", "dementia") else 0.3
-        age_slope = {"dementia": 0.6, "atrial_fibrillation": 0.3, "cancer": 0.2, "psychiatric": -0.2}.get(name, 0.0)
-        shift = loading * frailty + age_slope * age_z
-        comorbidity[name] = _bernoulli_marginal(
-            rng, profile.comorbidity_prevalence[name], shift, loading**2 + age_slope**2
-        )
-    renal = comorbidity["renal_failure"]
-
-    # EF class; women more often preserved EF.
-    probs = np.asarray(profile.ef_class_probs)
-    ef_class = np.searchsorted(np.cumsum(probs)[:-1], rng.random(n), side="right")
-    ef_class = np.where(female & (rng.random(n) < 0.12), 2, ef_class)
-    ef_reduced = ef_class == 0
-
-    # True values at index discharge (SwedeHF medians and IQRs).
-    nt_probnp = np.exp(np.log(3500) + 0.45 * frailty + 0.35 * ef_reduced + 0.4 * renal
-                       + 0.15 * age_z + rng.normal(0, 1.05, n))
-    creatinine = np.exp(np.log(95) + 0.45 * renal + 0.08 * frailty - 0.12 * female + rng.normal(0, 0.26, n))
-    egfr = egfr_ckd_epi_2021(creatinine, age, female)
-    sodium = 140.0 - 0.9 * frailty + rng.normal(0, 2.6, n)
-    potassium = 4.2 + 0.15 * renal + 0.05 * frailty + rng.normal(0, 0.42, n)
-    haemoglobin = 130.0 - 7.0 * female - 5.0 * frailty - 8.0 * renal + rng.normal(0, 17, n)
-    systolic_bp = 128.0 - 8.0 * ef_reduced - 4.0 * frailty + rng.normal(0, 19, n)
-    lvef = np.select(
-        [ef_class == 0, ef_class == 1],
-        [rng.integers(15, 41, n), rng.integers(41, 50, n)],
-        rng.integers(50, 71, n),
-    )
-
-    # Utilisation before the index stay.
-    prior_adm = np.minimum(rng.poisson(np.exp(-0.75 + 0.55 * frailty + 0.25 * comorbidity["copd"] + 0.2 * renal)), 12)
-    ed_visits = np.minimum(rng.poisson(np.exp(-0.45 + 0.5 * frailty + 0.3 * comorbidity["psychiatric"])), 15)
-    old_adm = np.minimum(rng.poisson(np.exp(0.1 + 0.4 * frailty)), 15)
-    los = np.clip(np.round(np.exp(np.log(profile.los_median_days) + 0.15 * frailty + rng.normal(0, 0.62, n))), 1, 60).astype(np.int64)
-    index_end = index_start + los
-
-    # Discharge prescriptions (SwedeHF rates; fewer RAS/MRA with poor renal function).
-    index_year = np.array(index_start, dtype="datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
-    on_ras_or_arni = rng.random(n) < sigmoid(_logit(0.80) - 1.0 * (egfr < 30) - 0.3 * (age > 88))
-    arni = on_ras_or_arni & (rng.random(n) < profile.arni_share * np.where(ef_reduced, 1.6, 0.4)) & (index_year >= 2017)
-    on_beta_blocker = rng.random(n) < 0.85
-    on_mra = rng.random(n) < sigmoid(_logit(0.40) + 0.6 * ef_reduced - 1.0 * (egfr < 30) - 0.8 * (potassium > 5.0))
-    on_loop = rng.random(n) < sigmoid(_logit(0.80) + 0.3 * frailty)
-    sglt2_rate = np.select([index_year <= 2019, index_year == 2020], [0.08, 0.20], 0.35)
-    on_sglt2 = rng.random(n) < np.clip(sglt2_rate + 0.15 * comorbidity["diabetes"], 0, 1)
-
-    state = PatientState(
-        age=age, female=female, frailty=frailty, prior_admissions_365d=prior_adm,
-        ed_visits_180d=ed_visits, los_days=los, comorbidity=comorbidity, ef_reduced=ef_reduced,
-        nt_probnp=nt_probnp, egfr=egfr, sodium=sodium, potassium=potassium,
-        haemoglobin=haemoglobin, systolic_bp=systolic_bp, on_ras_or_arni=on_ras_or_arni,
-        on_beta_blocker=on_beta_blocker, on_mra=on_mra, unrecorded_risk=rng.standard_normal(n),
-    )
-    true_risk = sigmoid(readmission_logit(state, profile.readmission_logit_shift))
-
-    # How the index stay ends.
-    u = rng.random(n)
-    p_death = sigmoid(_logit(profile.in_hospital_death) + 0.6 * frailty)
-    died = u < p_death
-    transfer = ~died & (u < p_death + profile.transfer_out)
-    against_advice = ~died & ~transfer & (u < p_death + profile.transfer_out + profile.against_advice)
-    discharged_home = ~(died | transfer | against_advice)
-    hf_main = rng.random(n) < profile.hf_main_diagnosis
-    readmitted = ~died & (rng.random(n) < true_risk)
-    # Days to readmission: 1..30, earlier days more likely.
-    readmit_day = 1 + np.floor(30 * rng.beta(1.0, 1.6, n)).astype(np.int64)
-    later_admission = ~died & ~readmitted & (rng.random(n) < 0.45)
-    later_day = rng.integers(31, 366, n)
-    planned = ~died & (rng.random(n) < profile.planned_readmission)
-    planned_day = rng.integers(2, 31, n)
-    ed_only = ~died & (rng.random(n) < 0.08)
-    ed_only_day = rng.integers(1, 31, n)
-
-    visits = _Events.empty([
-        "visit_occurrence_id", "person", "visit_concept_id", "visit_start_date", "visit_end_date",
-        "admitted_from_concept_id", "discharged_to_concept_id", "role",
-    ])
-    # role: 0 index, 1 prior admission, 2 older admission, 3 ED before, 4 readmission,
-    # 5 later admission, 6 planned, 7 ED after
-    def add_visits(who: np.ndarray, concept: int, start: np.ndarray, end: np.ndarray,
-                   admitted_from: int, discharged_to: np.ndarray | int, role: int) -> np.ndarray:
-        count = sum(part.shape[0] for part in visits.columns["person"])
-        ids = id_base + count + np.arange(who.shape[0], dtype=np.int64)
-        visits.add(visit_occurrence_id=ids, person=who, visit_concept_id=np.int32(concept),
-                   visit_start_date=start, visit_end_date=end,
-                   admitted_from_concept_id=np.int32(admitted_from),
-                   discharged_to_concept_id=np.asarray(discharged_to, np.int32) if np.ndim(discharged_to) else np.int32(discharged_to),
-                   role=np.int8(role))
-        return ids
-
-    discharged_to = np.select(
-        [died, transfer, against_advice],
-        [vocab.DISCHARGED_DIED, vocab.DISCHARGED_TRANSFER, vocab.DISCHARGED_AGAINST_ADVICE],
-        vocab.DISCHARGED_HOME,
-    ).astype(np.int32)
-    index_visit = add_visits(person_idx, vocab.VISIT_EMERGENCY_INPATIENT, index_start, index_end,
-                             vocab.ADMITTED_FROM_EMERGENCY_ROOM, discharged_to, 0)
-
-    # Prior admissions within a year, ending before the index stay starts.
-    who = np.repeat(person_idx, prior_adm)
-    gap = rng.integers(2, 366, who.shape[0])
-    stay = np.minimum(1 + rng.poisson(3.5, who.shape[0]), gap - 1)
-    prior_start = index_start[who] - gap
-    prior_visit = add_visits(who, vocab.VISIT_EMERGENCY_INPATIENT, prior_start, prior_start + stay,
-                             vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME, 1)
-    prior_who = who
-    # Older admissions, 1 to HISTORY_YEARS years before.
-    who = np.repeat(person_idx, old_adm)
-    old_start = index_start[who] - rng.integers(366, 365 * HISTORY_YEARS, who.shape[0])
-    old_visit = add_visits(who, vocab.VISIT_EMERGENCY_INPATIENT, old_start,
-                           old_start + 1 + rng.poisson(3.0, who.shape[0]),
-                           vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME, 2)
-    old_who = who
-    # Emergency visits without admission, within 180 days before.
-    who = np.repeat(person_idx, ed_visits)
-    ed_start = index_start[who] - rng.integers(1, 181, who.shape[0])
-    ed_visit = add_visits(who, vocab.VISIT_EMERGENCY, ed_start, ed_start,
-                          vocab.ADMITTED_FROM_HOME, vocab.DISCHARGED_HOME, 3)
-    ed_who = who
-    # After discharge.
-    who = person_idx[readmitted]
-    re_start = index_end[who] + readmit_day[who]
-    re_end = re_start + 1 + rng.poisson(4.0, who.shape[0])
-    readmit_visit = add_visits(who, vocab.VISIT_EMERGENCY_INPATIENT, re_start, re_end,
-                               vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME, 4)
-    readmit_who = who
-    who = person_idx[later_admission]
-    late_start = index_end[who] + later_day[who]
-    late_end = late_start + 1 + rng.poisson(4.0, who.shape[0])
-    late_visit = add_visits(who, vocab.VISIT_EMERGENCY_INPATIENT, late_start, late_end,
-                            vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME, 5)
-    late_who = who
-    who = person_idx[planned]
-    plan_start = index_end[who] + planned_day[who]
-    plan_end = plan_start + 1 + rng.poisson(1.0, who.shape[0])
-    planned_visit = add_visits(who, vocab.VISIT_INPATIENT, plan_start, plan_end,
-                               vocab.ADMITTED_FROM_HOME, vocab.DISCHARGED_HOME, 6)
-    planned_who = who
-    who = person_idx[ed_only]
-    ed_after_start = index_end[who] + ed_only_day[who]
-    ed_after_visit = add_visits(who, vocab.VISIT_EMERGENCY, ed_after_start, ed_after_start,
-                                vocab.ADMITTED_FROM_HOME, vocab.DISCHARGED_HOME, 7)
-    ed_after_who = who
-    v = visits.concat()
-
-    # --- deaths ----------------------------------------------------------
-    last_event_end = index_end.copy()
-    for who_, end_ in ((readmit_who, re_end), (late_who, late_end), (planned_who, plan_end), (ed_after_who, ed_after_start)):
-        np.maximum.at(last_event_end, who_, end_)
-    dies_later = ~died & (rng.random(n) < sigmoid(_logit(0.15) + 0.7 * frailty + 0.4 * age_z))
-    death_date = np.where(died, index_end, last_event_end + rng.integers(1, 366, n))
-    has_death = died | dies_later
-    death = {
-        "person_id": person_id[has_death],
-        "death_date": death_date[has_death],
-    }
-
-    # --- diagnoses ---------------------------------------------------------
-    cond = _Events.empty(["person", "date", "status", "visit", "code"])
-    hf_weights = np.array([profile.hf_code_weights.get(c, 0.0) for c in vocab.HF_INDEX_CODES])
-    hf_code = np.searchsorted(np.cumsum(hf_weights / hf_weights.sum())[:-1], rng.random(n), side="right").astype(np.int32)
-    hf_code_idx = np.array([_CONDITION_INDEX[c] for c in vocab.HF_INDEX_CODES], np.int32)[hf_code]
-    other_main = _OTHER_CODE_IDX[_pick(rng, n, _OTHER_CODE_IDX.size)]
-    # Index stay: main diagnosis HF (or another cause with HF secondary).
-    cond.add(person=person_idx, date=index_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=index_visit,
-             code=np.where(hf_main, hf_code_idx, other_main))
-    sec = ~hf_main
-    cond.add(person=person_idx[sec], date=index_start[sec], status=np.int32(vocab.CONDITION_SECONDARY),
-             visit=index_visit[sec], code=hf_code_idx[sec])
-    for name in COMORBIDITIES:
-        present = comorbidity[name]
-        coded = present & (rng.random(n) < profile.comorbidity_coding_completeness)
-        cond.add(person=person_idx[coded], date=index_start[coded], status=np.int32(vocab.CONDITION_SECONDARY),
-                 visit=index_visit[coded], code=_condition_codes_for(rng, name, int(coded.sum())))
-        # Coded at earlier admissions too, which a builder with a look-back finds.
-        for hist_who, hist_visit, hist_start in ((prior_who, prior_visit, prior_start), (old_who, old_visit, old_start)):
-            again = present[hist_who] & (rng.random(hist_who.shape[0]) < 0.35 * profile.comorbidity_coding_completeness)
-            cond.add(person=hist_who[again], date=hist_start[again], status=np.int32(vocab.CONDITION_SECONDARY),
-                     visit=hist_visit[again], code=_condition_codes_for(rng, name, int(again.sum())))
-    for hist_who, hist_visit, hist_start in ((prior_who, prior_visit, prior_start), (old_who, old_visit, old_start), (ed_who, ed_visit, ed_start)):
-        cond.add(person=hist_who, date=hist_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=hist_visit,
-                 code=_OTHER_CODE_IDX[_pick(rng, hist_who.shape[0], _OTHER_CODE_IDX.size)])
-    known_hf = rng.random(prior_who.shape[0]) < 0.6
-    cond.add(person=prior_who[known_hf], date=prior_start[known_hf], status=np.int32(vocab.CONDITION_SECONDARY),
-             visit=prior_visit[known_hf], code=np.int32(_HF_SECONDARY_IDX))
-    # After discharge: readmissions are heart failure in about 60% (CALIBRATION.md).
-    # Patients whose index stay was not coded as heart failure stay out of the
-    # cohort: their later stays are coded as other causes too.
-    re_hf = (rng.random(readmit_who.shape[0]) < 0.6) & hf_main[readmit_who]
-    cond.add(person=readmit_who, date=re_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=readmit_visit,
-             code=np.where(re_hf, hf_code_idx[readmit_who], _OTHER_CODE_IDX[_pick(rng, readmit_who.shape[0], _OTHER_CODE_IDX.size)]))
-    # A diagnosis first made at the readmission (leakage trap for the builder).
-    cond.add(person=readmit_who, date=re_start, status=np.int32(vocab.CONDITION_SECONDARY), visit=readmit_visit,
-             code=_condition_codes_for(rng, "renal_failure", readmit_who.shape[0]))
-    late_hf = (rng.random(late_who.shape[0]) < 0.5) & hf_main[late_who]
-    cond.add(person=late_who, date=late_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=late_visit,
-             code=np.where(late_hf, hf_code_idx[late_who], _OTHER_CODE_IDX[_pick(rng, late_who.shape[0], _OTHER_CODE_IDX.size)]))
-    cond.add(person=planned_who, date=plan_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=planned_visit,
-             code=_PLANNED_CODE_IDX[_pick(rng, planned_who.shape[0], _PLANNED_CODE_IDX.size)])
-    cond.add(person=ed_after_who, date=ed_after_start, status=np.int32(vocab.CONDITION_PRIMARY), visit=ed_after_visit,
-             code=_OTHER_CODE_IDX[_pick(rng, ed_after_who.shape[0], _OTHER_CODE_IDX.size)])
-    c = cond.concat()
-
-    # --- measurements --------------------------------------------------------
-    meas = _Events.empty(["person", "date", "visit", "lab", "value"])
-    true_values = {
-        "nt_probnp": nt_probnp, "creatinine": creatinine, "sodium": sodium, "potassium": potassium,
-        "haemoglobin": haemoglobin, "systolic_bp": systolic_bp, "lvef": lvef.astype(float),
-    }
-    # At admission patients are congested: NT-proBNP higher, sodium lower.
-    admission_shift = {"nt_probnp": 1.45, "creatinine": 1.05, "sodium": 0.995, "potassium": 1.0,
-                       "haemoglobin": 1.02, "systolic_bp": 1.08, "lvef": 1.0}
-    for lab_idx, lab in enumerate(_LAB_NAMES):
-        measured = rng.random(n) >= profile.lab_missing[lab]
-        if lab == "lvef":
-            echo_day = index_start + np.minimum(rng.integers(0, 4, n), los)
-            meas.add(person=person_idx[measured], date=echo_day[measured], visit=index_visit[measured],
-                     lab=np.int32(lab_idx), value=true_values[lab][measured])
-            continue
-        noise = rng.normal(0, 0.06, n)
-        admission_value = true_values[lab] * admission_shift[lab] * (1 + noise)
-        meas.add(person=person_idx[measured], date=index_start[measured], visit=index_visit[measured],
-                 lab=np.int32(lab_idx), value=admission_value[measured])
-        repeated = measured & (rng.random(n) < profile.lab_repeat_before_discharge)
-        discharge_value = true_values[lab] * (1 + rng.normal(0, 0.03, n))
-        meas.add(person=person_idx[repeated], date=index_end[repeated], visit=index_visit[repeated],
-                 lab=np.int32(lab_idx), value=discharge_value[repeated])
-    # History: creatinine and haemoglobin at earlier admissions.
-    for lab in ("creatinine", "haemoglobin"):
-        lab_idx = _LAB_NAMES.index(lab)
-        for hist_who, hist_visit, hist_start in ((prior_who, prior_visit, prior_start), (old_who, old_visit, old_start)):
-            meas.add(person=hist_who, date=hist_start, visit=hist_visit, lab=np.int32(lab_idx),
-                     value=true_values[lab][hist_who] * (1 + rng.normal(0, 0.1, hist_who.shape[0])))
-    # At the readmission: congested again (leakage trap).
-    for lab in ("nt_probnp", "sodium"):
-        lab_idx = _LAB_NAMES.index(lab)
-        meas.add(person=readmit_who, date=re_start, visit=readmit_visit, lab=np.int32(lab_idx),
-                 value=true_values[lab][readmit_who] * admission_shift[lab] ** 2)
-    m = meas.concat()
-    decimals = {"potassium": 1}
-    lab_of_row = m["lab"]
-    value = m["value"].copy()
-    for lab_idx, lab in enumerate(_LAB_NAMES):
-        rows = lab_of_row == lab_idx
-        value[rows] = np.round(value[rows], decimals.get(lab, 0))
-
-    # --- prescriptions -----------------------------------------------------------
-    drugs = _Events.empty(["person", "start", "end", "visit", "code"])
-    on_drug = {
-        "loop_diuretic": on_loop, "ace_inhibitor_or_arb": on_ras_or_arni & ~arni, "arni": arni,
-        "beta_blocker": on_beta_blocker, "mra": on_mra, "sglt2_inhibitor": on_sglt2,
-    }
-    alive = ~died
-    for drug_class in _DRUG_CLASSES:
-        gets = on_drug[drug_class] & alive
-        k = int(gets.sum())
-        drugs.add(person=person_idx[gets], start=index_end[gets], end=index_end[gets] + 90,
-                  visit=index_visit[gets], code=_drug_codes_for(rng, drug_class, k))
-        # Some were on it before the stay (a prescription from an earlier admission).
-        before = on_drug[drug_class] & (rng.random(n) < 0.5)
-        start = index_start[before] - rng.integers(30, 300, int(before.sum()))
-        drugs.add(person=person_idx[before], start=start, end=start + 90, visit=np.full(int(before.sum()), -1),
-                  code=_drug_codes_for(rng, drug_class, int(before.sum())))
-    # Started at the readmission (leakage trap).
-    drugs.add(person=readmit_who, start=re_end, end=re_end + 90, visit=readmit_visit,
-              code=_drug_codes_for(rng, "sglt2_inhibitor", readmit_who.shape[0]))
-    d = drugs.concat()
+    # One stream, in this order (see the module docstring).
+    patients = _draw_patients(rng, profile, n_patients)
+    course = _draw_course(rng, profile, patients)
+    visit_rows, visits = _draw_visits(rng, patients, course, id_base)
+    death_rows = _draw_deaths(rng, patients, course, visits)
+    condition_rows = _draw_conditions(rng, profile, patients, course, visits)
+    measurement_rows = _draw_measurements(rng, profile, patients, visits)
+    drug_rows = _draw_prescriptions(rng, patients, course, visits)
 
     tables = {
-        "person": _person_table(person_id, female, year_of_birth, month_of_birth, day_of_birth, profile.site_code),
-        "visit_occurrence": _visit_table(v, person_id, profile.site_code),
-        "condition_occurrence": _condition_table(c, person_id, id_base),
-        "measurement": _measurement_table(m, value, person_id, id_base),
-        "drug_exposure": _drug_table(d, person_id, id_base),
-        "death": pa.table(
-            [pa.array(death["person_id"]), _dates(death["death_date"]),
-             pa.array(np.full(death["person_id"].shape[0], vocab.TYPE_EHR, np.int32))],
-            schema=omop.arrow_schema("death"),
-        ),
+        "person": _person_table(person_id, patients.state.female, patients.birth, profile.site_code),
+        "visit_occurrence": _visit_table(visit_rows, person_id, profile.site_code),
+        "condition_occurrence": _condition_table(condition_rows, person_id, id_base),
+        "measurement": _measurement_table(measurement_rows, person_id, id_base),
+        "drug_exposure": _drug_table(drug_rows, person_id, id_base),
+        "death": _death_table(death_rows, person_id),
     }
     ground_truth = pa.table({
         "person_id": pa.array(person_id),
-        "visit_occurrence_id": pa.array(index_visit),
-        "true_risk_30d": pa.array(true_risk),
+        "visit_occurrence_id": pa.array(visits["index"].ids),
+        "true_risk_30d": pa.array(patients.true_risk),
     })
     return ChunkTables(tables=tables, ground_truth=ground_truth)
 
 
+# ---------------------------------------------------------------- steps, in drawing order
+def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _Patients:
+    """Return who the patients are, their true state at index discharge and their true risk."""
+    female = rng.random(n) < profile.female_fraction
+    mean_age = profile.age_median + WOMEN_OLDER_BY_YEARS * (female - profile.female_fraction)
+    age = np.clip(rng.normal(mean_age, profile.age_sd, n), *AGE_RANGE_YEARS)
+    frailty = rng.standard_normal(n)
+    index_start = rng.integers(_days(STUDY_START), _days(STUDY_END) + 1, size=n)
+    birth = index_start - np.floor(age * 365.25).astype(np.int64) - rng.integers(0, 365, size=n)
+    age_decades = (age - AGE_CENTRE_YEARS) / AGE_DECADE_YEARS
+    comorbidity = _draw_comorbidities(rng, profile, frailty, age_decades)
+    ef_class = _draw_ef_class(rng, profile, female)
+    predictors = {"female": female, "frailty": frailty, "age_decades": age_decades, "hfref": ef_class == 0,
+                  **comorbidity}
+    true_labs = {lab: _draw_true_value(rng, model, predictors, n) for lab, model in TRUE_LABS.items()}
+    lvef_by_class = [rng.integers(low, high, n) for low, high in LVEF_RANGES]
+    true_labs["lvef"] = np.choose(ef_class, lvef_by_class).astype(float)
+    egfr = egfr_ckd_epi_2021(true_labs["creatinine"], age, female)
+
+    prior_admissions = _draw_count(rng, PRIOR_ADMISSIONS_365D, predictors)
+    ed_visits = _draw_count(rng, ED_VISITS_180D, predictors)
+    older_admissions = _draw_count(rng, OLDER_ADMISSIONS, predictors)
+    los = _draw_true_value(rng, LENGTH_OF_STAY, predictors, n, centre=profile.los_median_days)
+    los = np.clip(np.round(los), *LENGTH_OF_STAY_RANGE_DAYS).astype(np.int64)
+
+    predictors.update(egfr_below_30=egfr < 30, age_over_88=age > 88, potassium_above_5=true_labs["potassium"] > 5.0)
+    index_year = np.array(index_start, dtype="datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
+    on_drug, on_ras_or_arni = _draw_discharge_drugs(rng, profile, predictors, index_year)
+
+    state = PatientState(
+        age=age, female=female, frailty=frailty, prior_admissions_365d=prior_admissions,
+        ed_visits_180d=ed_visits, los_days=los, comorbidity=comorbidity, ef_reduced=predictors["hfref"],
+        **{lab: true_labs[lab] for lab in ("nt_probnp", "sodium", "potassium", "haemoglobin", "systolic_bp")},
+        egfr=egfr, on_ras_or_arni=on_ras_or_arni, on_beta_blocker=on_drug["beta_blocker"],
+        on_mra=on_drug["mra"], unrecorded_risk=rng.standard_normal(n),
+    )
+    return _Patients(
+        state=state, age_decades=age_decades, birth=birth, index_start=index_start, index_end=index_start + los,
+        older_admissions=older_admissions, true_labs=true_labs, on_drug=on_drug,
+        true_risk=sigmoid(readmission_logit(state, profile.readmission_logit_shift)),
+    )
+
+
+def _draw_comorbidities(rng: np.random.Generator, profile: SiteProfile, frailty: np.ndarray,
+                        age_decades: np.ndarray) -> dict[str, np.ndarray]:
+    """Return whether each patient has each comorbidity, at the site's prevalences, co-occurring through frailty."""
+    comorbidity = {}
+    for name in COMORBIDITIES:
+        loading, age_slope = COMORBIDITY_FRAILTY_LOADING[name], COMORBIDITY_AGE_SLOPE[name]
+        shift = loading * frailty + age_slope * age_decades
+        comorbidity[name] = _bernoulli_marginal(
+            rng, profile.comorbidity_prevalence[name], shift, loading**2 + age_slope**2
+        )
+    return comorbidity
+
+
+def _draw_ef_class(rng: np.random.Generator, profile: SiteProfile, female: np.ndarray) -> np.ndarray:
+    """Return each patient's EF class (0 HFrEF, 1 HFmrEF, 2 HFpEF) at the site's shares; women more often HFpEF."""
+    n = female.shape[0]
+    ef_class = np.searchsorted(np.cumsum(np.asarray(profile.ef_class_probs))[:-1], rng.random(n), side="right")
+    return np.where(female & (rng.random(n) < WOMEN_EXTRA_HFPEF), 2, ef_class)
+
+
+def _draw_discharge_drugs(rng: np.random.Generator, profile: SiteProfile, predictors: dict[str, np.ndarray],
+                          index_year: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Return who is prescribed each drug class at discharge, and who gets RAS inhibition or ARNI."""
+    n = index_year.shape[0]
+    on_ras_or_arni = rng.random(n) < _probability(DISCHARGE_DRUGS["ras_or_arni"], predictors)
+    arni_share = profile.arni_share * np.where(predictors["hfref"], ARNI_SHARE_FACTOR_HFREF, ARNI_SHARE_FACTOR_OTHER)
+    arni = on_ras_or_arni & (rng.random(n) < arni_share) & (index_year >= ARNI_FIRST_YEAR)
+    on_beta_blocker = rng.random(n) < BETA_BLOCKER_RATE
+    on_mra = rng.random(n) < _probability(DISCHARGE_DRUGS["mra"], predictors)
+    on_loop = rng.random(n) < _probability(DISCHARGE_DRUGS["loop_diuretic"], predictors)
+    sglt2_rate = np.select([index_year <= 2019, index_year == 2020], [SGLT2_RATE_TO_2019, SGLT2_RATE_2020],
+                           SGLT2_RATE_FROM_2021)
+    on_sglt2 = rng.random(n) < np.clip(sglt2_rate + SGLT2_DIABETES_EXTRA * predictors["diabetes"], 0, 1)
+    on_drug = {
+        "loop_diuretic": on_loop, "ace_inhibitor_or_arb": on_ras_or_arni & ~arni, "arni": arni,
+        "beta_blocker": on_beta_blocker, "mra": on_mra, "sglt2_inhibitor": on_sglt2,
+    }
+    return on_drug, on_ras_or_arni
+
+
+def _draw_course(rng: np.random.Generator, profile: SiteProfile, patients: _Patients) -> _Course:
+    """Return how each index stay ends and which visits follow it, with their days after discharge."""
+    n = patients.count
+    ends = rng.random(n)
+    p_death = _probability(IN_HOSPITAL_DEATH, {"frailty": patients.state.frailty}, rate=profile.in_hospital_death)
+    died = ends < p_death
+    transferred = ~died & (ends < p_death + profile.transfer_out)
+    against_advice = ~died & ~transferred & (ends < p_death + profile.transfer_out + profile.against_advice)
+    hf_main_diagnosis = rng.random(n) < profile.hf_main_diagnosis
+    readmitted = ~died & (rng.random(n) < patients.true_risk)
+    readmission_day = 1 + np.floor(30 * rng.beta(*READMISSION_DAY_BETA, n)).astype(np.int64)
+    later_admission = ~died & ~readmitted & (rng.random(n) < LATER_ADMISSION_RATE)
+    later_day = rng.integers(*LATER_ADMISSION_DAYS, n)
+    planned = ~died & (rng.random(n) < profile.planned_readmission)
+    planned_day = rng.integers(*PLANNED_ADMISSION_DAYS, n)
+    ed_after = ~died & (rng.random(n) < ED_AFTER_DISCHARGE_RATE)
+    ed_after_day = rng.integers(*ED_AFTER_DISCHARGE_DAYS, n)
+    return _Course(died, transferred, against_advice, hf_main_diagnosis, follow_up={
+        "readmission": (readmitted, readmission_day), "later_admission": (later_admission, later_day),
+        "planned": (planned, planned_day), "ed_after": (ed_after, ed_after_day),
+    })
+
+
+def _draw_visits(rng: np.random.Generator, patients: _Patients, course: _Course,
+                 id_base: np.int64) -> tuple[dict[str, np.ndarray], dict[str, _VisitGroup]]:
+    """Return the visit rows and each kind of visit: the index stay, visits before it and after discharge."""
+    visit_log = _VisitLog(id_base)
+    everyone = np.arange(patients.count)
+    index_start, index_end = patients.index_start, patients.index_end
+    discharged_to = np.select(
+        [course.died, course.transferred, course.against_advice],
+        [vocab.DISCHARGED_DIED, vocab.DISCHARGED_TRANSFER, vocab.DISCHARGED_AGAINST_ADVICE],
+        vocab.DISCHARGED_HOME,
+    ).astype(np.int32)
+    visits = {"index": visit_log.add(everyone, vocab.VISIT_EMERGENCY_INPATIENT, index_start, index_end,
+                                     vocab.ADMITTED_FROM_EMERGENCY_ROOM, discharged_to)}
+
+    # Prior-year admissions end before the index stay starts.
+    who = np.repeat(everyone, patients.state.prior_admissions_365d)
+    gap = rng.integers(*PRIOR_ADMISSION_DAYS_BEFORE, who.shape[0])
+    stay = np.minimum(1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["prior_admission"], who.shape[0]), gap - 1)
+    start = index_start[who] - gap
+    visits["prior_admission"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, start + stay,
+                                              vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    who = np.repeat(everyone, patients.older_admissions)
+    start = index_start[who] - rng.integers(*OLDER_ADMISSION_DAYS_BEFORE, who.shape[0])
+    end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["older_admission"], who.shape[0])
+    visits["older_admission"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, end,
+                                              vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    who = np.repeat(everyone, patients.state.ed_visits_180d)
+    start = index_start[who] - rng.integers(*ED_VISIT_DAYS_BEFORE, who.shape[0])
+    visits["ed_before"] = visit_log.add(who, vocab.VISIT_EMERGENCY, start, start, vocab.ADMITTED_FROM_HOME,
+                                        vocab.DISCHARGED_HOME)
+
+    for kind, (concept, admitted_from) in FOLLOW_UP_VISITS.items():
+        happens, day = course.follow_up[kind]
+        who = everyone[happens]
+        start = index_end[who] + day[who]
+        if kind in STAY_EXTRA_DAYS_MEAN:
+            end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN[kind], who.shape[0])
+        else:
+            end = start
+        visits[kind] = visit_log.add(who, concept, start, end, admitted_from, vocab.DISCHARGED_HOME)
+    return visit_log.rows.concat(), visits
+
+
+def _draw_deaths(rng: np.random.Generator, patients: _Patients, course: _Course,
+                 visits: dict[str, _VisitGroup]) -> dict[str, np.ndarray]:
+    """Return who dies and when: in hospital at discharge, or after their last visit."""
+    n = patients.count
+    last_event_end = patients.index_end.copy()
+    for kind in FOLLOW_UP_VISITS:
+        np.maximum.at(last_event_end, visits[kind].who, visits[kind].end)
+    predictors = {"frailty": patients.state.frailty, "age_decades": patients.age_decades}
+    dies_later = ~course.died & (rng.random(n) < _probability(LATER_DEATH, predictors))
+    death_date = np.where(course.died, patients.index_end,
+                          last_event_end + rng.integers(*LATER_DEATH_DAYS_AFTER, n))
+    has_death = course.died | dies_later
+    return {"person": np.flatnonzero(has_death), "death_date": death_date[has_death]}
+
+
+def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _Patients, course: _Course,
+                     visits: dict[str, _VisitGroup]) -> dict[str, np.ndarray]:
+    """Return the diagnosis rows: the index stay's, comorbidities, and every other visit's main diagnosis."""
+    diagnoses = _DiagnosisLog()
+    diagnose = diagnoses.add
+    n, index = patients.count, visits["index"]
+    hf_weights = np.array([profile.hf_code_weights.get(code, 0.0) for code in vocab.HF_INDEX_CODES])
+    hf_choice = np.searchsorted(np.cumsum(hf_weights / hf_weights.sum())[:-1], rng.random(n), side="right")
+    hf_code = _HF_CODE_IDX[hf_choice.astype(np.int32)]
+    # Index stay: main diagnosis heart failure, or another cause with heart failure secondary.
+    other_main = _other_causes(rng, n)
+    diagnose(index, vocab.CONDITION_PRIMARY, np.where(course.hf_main_diagnosis, hf_code, other_main))
+    secondary = ~course.hf_main_diagnosis
+    diagnose(index.subset(secondary), vocab.CONDITION_SECONDARY, hf_code[secondary])
+    history = (visits["prior_admission"], visits["older_admission"])
+    for name in COMORBIDITIES:
+        present = patients.state.comorbidity[name]
+        coded = present & (rng.random(n) < profile.comorbidity_coding_completeness)
+        diagnose(index.subset(coded), vocab.CONDITION_SECONDARY, _condition_codes_for(rng, name, int(coded.sum())))
+        # Coded at earlier admissions too, which a builder with a look-back finds.
+        for group in history:
+            completeness = HISTORY_CODING_FACTOR * profile.comorbidity_coding_completeness
+            again = present[group.who] & (rng.random(group.who.shape[0]) < completeness)
+            diagnose(group.subset(again), vocab.CONDITION_SECONDARY,
+                     _condition_codes_for(rng, name, int(again.sum())))
+    for group in (*history, visits["ed_before"]):
+        diagnose(group, vocab.CONDITION_PRIMARY, _other_causes(rng, group.who.shape[0]))
+    prior = visits["prior_admission"]
+    known_hf = rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION
+    diagnose(prior.subset(known_hf), vocab.CONDITION_SECONDARY, np.int32(_HF_SECONDARY_IDX))
+    _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis)
+    return diagnoses.rows.concat()
+
+
+def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visits: dict[str, _VisitGroup],
+                        hf_code: np.ndarray, hf_main_diagnosis: np.ndarray) -> None:
+    """Add the main diagnoses of the visits after discharge (and the readmission's leakage trap)."""
+    # Patients whose index stay was not coded as heart failure stay out of the
+    # cohort: their later stays are coded as other causes too.
+    diagnose = diagnoses.add
+    readmission, later = visits["readmission"], visits["later_admission"]
+    hf = (rng.random(readmission.who.shape[0]) < HF_SHARE_OF_READMISSIONS) & hf_main_diagnosis[readmission.who]
+    diagnose(readmission, vocab.CONDITION_PRIMARY,
+             np.where(hf, hf_code[readmission.who], _other_causes(rng, readmission.who.shape[0])))
+    # A diagnosis first made at the readmission (leakage trap for the builder).
+    diagnose(readmission, vocab.CONDITION_SECONDARY,
+             _condition_codes_for(rng, "renal_failure", readmission.who.shape[0]))
+    hf = (rng.random(later.who.shape[0]) < HF_SHARE_OF_LATER_ADMISSIONS) & hf_main_diagnosis[later.who]
+    diagnose(later, vocab.CONDITION_PRIMARY, np.where(hf, hf_code[later.who], _other_causes(rng, later.who.shape[0])))
+    planned = visits["planned"]
+    diagnose(planned, vocab.CONDITION_PRIMARY,
+             _PLANNED_CODE_IDX[_pick(rng, planned.who.shape[0], _PLANNED_CODE_IDX.size)])
+    diagnose(visits["ed_after"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_after"].who.shape[0]))
+
+
+def _draw_measurements(rng: np.random.Generator, profile: SiteProfile, patients: _Patients,
+                       visits: dict[str, _VisitGroup]) -> dict[str, np.ndarray]:
+    """Return the lab rows, values rounded as reported: the index stay's, earlier admissions', the readmission's."""
+    rows = _Events.empty(["person", "date", "visit", "lab", "value"])
+    true_labs, n, index = patients.true_labs, patients.count, visits["index"]
+    for lab_idx, lab in enumerate(_LAB_NAMES):
+        lab_code = np.int32(lab_idx)
+        measured = rng.random(n) >= profile.lab_missing[lab]
+        if lab == "lvef":
+            echo_day = patients.index_start + np.minimum(rng.integers(0, ECHO_WITHIN_DAYS, n), patients.state.los_days)
+            rows.add(person=index.who[measured], date=echo_day[measured], visit=index.ids[measured], lab=lab_code,
+                     value=true_labs[lab][measured])
+            continue
+        admission_value = true_labs[lab] * ADMISSION_FACTOR[lab] * (1 + rng.normal(0, ADMISSION_NOISE_SD, n))
+        rows.add(person=index.who[measured], date=index.start[measured], visit=index.ids[measured], lab=lab_code,
+                 value=admission_value[measured])
+        repeated = measured & (rng.random(n) < profile.lab_repeat_before_discharge)
+        discharge_value = true_labs[lab] * (1 + rng.normal(0, DISCHARGE_NOISE_SD, n))
+        rows.add(person=index.who[repeated], date=index.end[repeated], visit=index.ids[repeated], lab=lab_code,
+                 value=discharge_value[repeated])
+    for lab in HISTORY_LABS:
+        for group in (visits["prior_admission"], visits["older_admission"]):
+            noise = 1 + rng.normal(0, HISTORY_NOISE_SD, group.who.shape[0])
+            rows.add(person=group.who, date=group.start, visit=group.ids, lab=np.int32(_LAB_NAMES.index(lab)),
+                     value=true_labs[lab][group.who] * noise)
+    # At the readmission: congested again (leakage trap).
+    readmission = visits["readmission"]
+    for lab in READMISSION_LABS:
+        congested = true_labs[lab][readmission.who] * ADMISSION_FACTOR[lab] ** 2
+        rows.add(person=readmission.who, date=readmission.start, visit=readmission.ids,
+                 lab=np.int32(_LAB_NAMES.index(lab)), value=congested)
+    measurements = rows.concat()
+    value = measurements["value"].copy()
+    for lab_idx, lab in enumerate(_LAB_NAMES):
+        of_lab = measurements["lab"] == lab_idx
+        value[of_lab] = np.round(value[of_lab], LAB_DECIMALS.get(lab, 0))
+    return {**measurements, "value": value}
+
+
+def _draw_prescriptions(rng: np.random.Generator, patients: _Patients, course: _Course,
+                        visits: dict[str, _VisitGroup]) -> dict[str, np.ndarray]:
+    """Return the prescription rows: at discharge, before the stay, and at the readmission."""
+    rows = _Events.empty(["person", "start", "end", "visit", "code"])
+    n, index = patients.count, visits["index"]
+    alive = ~course.died
+    for drug_class in _DRUG_CLASSES:
+        on_drug = patients.on_drug[drug_class]
+        gets = on_drug & alive
+        rows.add(person=index.who[gets], start=index.end[gets], end=index.end[gets] + PRESCRIPTION_DAYS,
+                 visit=index.ids[gets], code=_drug_codes_for(rng, drug_class, int(gets.sum())))
+        # Some were on it before the stay (a prescription from an earlier admission).
+        before = on_drug & (rng.random(n) < ON_DRUG_BEFORE_STAY)
+        count = int(before.sum())
+        start = index.start[before] - rng.integers(*DRUG_STARTED_DAYS_BEFORE, count)
+        rows.add(person=index.who[before], start=start, end=start + PRESCRIPTION_DAYS, visit=np.full(count, -1),
+                 code=_drug_codes_for(rng, drug_class, count))
+    # Started at the readmission (leakage trap).
+    readmission = visits["readmission"]
+    rows.add(person=readmission.who, start=readmission.end, end=readmission.end + PRESCRIPTION_DAYS,
+             visit=readmission.ids, code=_drug_codes_for(rng, "sglt2_inhibitor", readmission.who.shape[0]))
+    return rows.concat()
+
+
+# ---------------------------------------------------------------- OMOP tables
 def _sorted(person: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     order = np.argsort(person, kind="stable")
     return [person[order]] + [a[order] for a in arrays]
 
 
-def _person_table(person_id, female, year, month, day, site_code) -> pa.Table:
+def _person_table(person_id: np.ndarray, female: np.ndarray, birth: np.ndarray, site_code: int) -> pa.Table:
     n = person_id.shape[0]
+    birth_dates = np.array(birth, dtype="datetime64[D]")
+    birth_months = birth_dates.astype("datetime64[M]")
+    year = birth_dates.astype("datetime64[Y]").astype(np.int64) + 1970
+    month = birth_months.astype(np.int64) % 12 + 1
+    day = (birth_dates - birth_months).astype(np.int64) + 1
     return pa.table(
         [
             pa.array(person_id),
@@ -473,25 +776,29 @@ def _person_table(person_id, female, year, month, day, site_code) -> pa.Table:
     )
 
 
-def _visit_table(v: dict[str, np.ndarray], person_id: np.ndarray, site_code: int) -> pa.Table:
-    person, ids, concept, start, end, adm, dis = _sorted(
-        v["person"], v["visit_occurrence_id"], v["visit_concept_id"], v["visit_start_date"],
-        v["visit_end_date"], v["admitted_from_concept_id"], v["discharged_to_concept_id"],
+def _visit_table(visit_rows: dict[str, np.ndarray], person_id: np.ndarray, site_code: int) -> pa.Table:
+    person, ids, concept, start, end, admitted_from, discharged_to = _sorted(
+        visit_rows["person"], visit_rows["visit_occurrence_id"], visit_rows["visit_concept_id"],
+        visit_rows["visit_start_date"], visit_rows["visit_end_date"], visit_rows["admitted_from_concept_id"],
+        visit_rows["discharged_to_concept_id"],
     )
     n = person.shape[0]
     return pa.table(
         [
             pa.array(ids), pa.array(person_id[person]), pa.array(concept.astype(np.int32)),
             _dates(start), _dates(end), pa.array(np.full(n, vocab.TYPE_EHR, np.int32)),
-            pa.array(np.full(n, site_code, np.int64)), pa.array(adm.astype(np.int32)),
-            pa.array(dis.astype(np.int32)),
+            pa.array(np.full(n, site_code, np.int64)), pa.array(admitted_from.astype(np.int32)),
+            pa.array(discharged_to.astype(np.int32)),
         ],
         schema=omop.arrow_schema("visit_occurrence"),
     )
 
 
-def _condition_table(c: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
-    person, date, status, visit, code = _sorted(c["person"], c["date"], c["status"], c["visit"], c["code"])
+def _condition_table(condition_rows: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
+    person, date, status, visit, code = _sorted(
+        condition_rows["person"], condition_rows["date"], condition_rows["status"], condition_rows["visit"],
+        condition_rows["code"],
+    )
     n = person.shape[0]
     return pa.table(
         [
@@ -504,8 +811,12 @@ def _condition_table(c: dict[str, np.ndarray], person_id: np.ndarray, id_base: n
     )
 
 
-def _measurement_table(m: dict[str, np.ndarray], value: np.ndarray, person_id: np.ndarray, id_base: np.int64) -> pa.Table:
-    person, date, visit, lab, value = _sorted(m["person"], m["date"], m["visit"], m["lab"], value)
+def _measurement_table(measurement_rows: dict[str, np.ndarray], person_id: np.ndarray,
+                       id_base: np.int64) -> pa.Table:
+    person, date, visit, lab, value = _sorted(
+        measurement_rows["person"], measurement_rows["date"], measurement_rows["visit"], measurement_rows["lab"],
+        measurement_rows["value"],
+    )
     n = person.shape[0]
     return pa.table(
         [
@@ -518,8 +829,10 @@ def _measurement_table(m: dict[str, np.ndarray], value: np.ndarray, person_id: n
     )
 
 
-def _drug_table(d: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
-    person, start, end, visit, code = _sorted(d["person"], d["start"], d["end"], d["visit"], d["code"])
+def _drug_table(drug_rows: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
+    person, start, end, visit, code = _sorted(
+        drug_rows["person"], drug_rows["start"], drug_rows["end"], drug_rows["visit"], drug_rows["code"],
+    )
     n = person.shape[0]
     visit_ids = pa.array(visit.astype(np.int64), mask=visit < 0)
     return pa.table(
@@ -530,6 +843,15 @@ def _drug_table(d: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int
             _dictionary(code, _DRUG_CODES),
         ],
         schema=omop.arrow_schema("drug_exposure", dictionary_codes=True),
+    )
+
+
+def _death_table(death_rows: dict[str, np.ndarray], person_id: np.ndarray) -> pa.Table:
+    n = death_rows["person"].shape[0]
+    return pa.table(
+        [pa.array(person_id[death_rows["person"]]), _dates(death_rows["death_date"]),
+         pa.array(np.full(n, vocab.TYPE_EHR, np.int32))],
+        schema=omop.arrow_schema("death"),
     )
 
 

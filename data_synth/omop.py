@@ -131,11 +131,11 @@ def arrow_schema(table: str, dictionary_codes: bool = False) -> pa.Schema:
 
 def _examples(table: pa.Table, mask: pa.Array | np.ndarray, columns: list[str], limit: int = 3) -> str:
     rows = np.flatnonzero(np.asarray(mask, dtype=bool))[:limit]
-    shown = [c for c in columns if c in table.column_names]
+    shown = [column for column in columns if column in table.column_names]
     parts = []
-    for r in rows:
-        values = ", ".join(f"{c}={table.column(c)[int(r)].as_py()!r}" for c in shown)
-        parts.append(f"row {int(r)}: {values}")
+    for row in rows:
+        values = ", ".join(f"{column}={table.column(column)[int(row)].as_py()!r}" for column in shown)
+        parts.append(f"row {int(row)}: {values}")
     return "; ".join(parts)
 
 
@@ -227,8 +227,8 @@ def validate_table(table_name: str, table: pa.Table, row_offset: int = 0) -> Non
             _fail(table_name, column, f"code does not match {pattern}", table, bad, row_offset)
     if table_name == "measurement":
         _check_units(table, row_offset)
-    for t, start, end in DATE_ORDER:
-        if t == table_name:
+    for ordered_table, start, end in DATE_ORDER:
+        if ordered_table == table_name:
             bad = pc.greater(table.column(start), table.column(end)).to_numpy(zero_copy_only=False)
             if bad.any():
                 _fail(table_name, end, f"date before {start}", table, bad, row_offset)
@@ -244,7 +244,7 @@ def _check_units(table: pa.Table, row_offset: int) -> None:
     codes = table.column("measurement_source_value").combine_chunks()
     units = table.column("unit_source_value").combine_chunks()
     known = pa.array(list(vocab.LOINC_UNITS))
-    expected = pa.array([vocab.LOINC_UNITS[c] for c in vocab.LOINC_UNITS])
+    expected = pa.array([vocab.LOINC_UNITS[code] for code in vocab.LOINC_UNITS])
     codes_str = codes.cast(pa.string()) if pa.types.is_dictionary(codes.type) else codes
     units_str = units.cast(pa.string()) if pa.types.is_dictionary(units.type) else units
     position = pc.index_in(codes_str, value_set=known)

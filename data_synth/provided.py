@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from compendium.artifacts import atomic_write
-from data_synth.cohort import (ATTRITION_FILE, COHORT_FILE, FEATURES, LABEL, SPLIT, CohortSpec, Feature, assign_split,
-                               write_cohort)
+from data_synth.cohort import CohortSpec, assign_split, write_cohort
 from data_synth.dataset import Dataset, DatasetError, FeatureSpec
+from data_synth.features import ATTRITION_FILE, COHORT_FILE, FEATURES, LABEL, SPLIT, Feature
 from fl.data import SCHEMA_METADATA_KEY, SYNTHETIC_SCHEMA, FeatureSchema
 
 SITES_DIR = "sites"
@@ -132,9 +132,9 @@ def site_rows(dataset: Dataset, site: str, tables: dict[Path, pd.DataFrame]) -> 
         raise DatasetError(f"{path.name}: site column {columns.site!r} (columns.site) is not in the table; "
                            f"its columns are {list(table.columns)[:20]}")
     values = _text(table[columns.site])
-    sharing = [s for s in dataset.sites if dataset.source(s) == path]
-    wanted = {s: _scalar_text(dataset.spec.sites[s].site_value if dataset.spec.sites[s].site_value is not None else s)
-              for s in sharing}
+    sharing = [name for name in dataset.sites if dataset.source(name) == path]
+    site_values = {name: dataset.spec.sites[name].site_value for name in sharing}
+    wanted = {name: _scalar_text(name if value is None else value) for name, value in site_values.items()}
     unknown = sorted(set(values.dropna()) - set(wanted.values()))
     if unknown:
         raise DatasetError(f"{path.name}: column {columns.site!r} has value(s) {unknown[:5]} that match no site in "
@@ -238,9 +238,9 @@ def site_cohort(dataset: Dataset, site: str, rows: pd.DataFrame, seed: int, test
     for name, spec in columns.features.items():
         column = spec.column or name
         if name in lacks:
-            expanded = [f.name for f in model_features(dataset) if f.name == name or
-                        (spec.type == "categorical" and f.name.startswith(f"{name}_"))]
-            features.update({f: pd.Series(np.nan, index=rows.index) for f in expanded})
+            expanded = [feature.name for feature in model_features(dataset) if feature.name == name or
+                        (spec.type == "categorical" and feature.name.startswith(f"{name}_"))]
+            features.update({column: pd.Series(np.nan, index=rows.index) for column in expanded})
         elif spec.type == "numeric":
             features[name] = _numeric(dataset, site, column, rows[column])
         elif spec.type == "binary":
@@ -259,7 +259,7 @@ def site_cohort(dataset: Dataset, site: str, rows: pd.DataFrame, seed: int, test
     else:
         rng = np.random.default_rng(np.random.SeedSequence([seed, *site.encode()]))
         split = assign_split(y, test_fraction, rng)
-    cohort = pd.DataFrame({"site": site, **{k: v.to_numpy() for k, v in features.items()}})
+    cohort = pd.DataFrame({"site": site, **{name: values.to_numpy() for name, values in features.items()}})
     cohort[LABEL] = y
     cohort[SPLIT] = split
     attrition["cohort"] = int(len(cohort))
@@ -270,16 +270,17 @@ def site_cohort(dataset: Dataset, site: str, rows: pd.DataFrame, seed: int, test
 def feature_schema(dataset: Dataset, cohorts: dict[str, pd.DataFrame]) -> FeatureSchema:
     """Return the dataset's schema: missing indicators for every variable missing anywhere (one per categorical)."""
     features = model_features(dataset)
-    names = tuple(f.name for f in features)
+    names = tuple(feature.name for feature in features)
     columns = dataset.spec.columns
-    missing_anywhere = {n for n in names if any(c[n].isna().any() for c in cohorts.values())}
+    missing_anywhere = {name for name in names if any(cohort[name].isna().any() for cohort in cohorts.values())}
     indicators = []
     for name, spec in columns.features.items():
         expanded = [level_column(name, level) for level in spec.levels[1:]] if spec.type == "categorical" else [name]
-        if any(e in missing_anywhere for e in expanded):
+        if any(column in missing_anywhere for column in expanded):
             indicators.append(expanded[0])
-    logs = tuple(n for n, s in columns.features.items() if s.log)
-    return FeatureSchema(names, tuple(f.kind for f in features), logs, tuple(indicators), dict(dataset.spec.subgroups))
+    logs = tuple(name for name, spec in columns.features.items() if spec.log)
+    return FeatureSchema(names, tuple(feature.kind for feature in features), logs, tuple(indicators),
+                         dict(dataset.spec.subgroups))
 
 
 def _write(folder: Path, cohort: pd.DataFrame, schema: FeatureSchema | None, attrition: dict) -> None:
@@ -291,7 +292,7 @@ def _write(folder: Path, cohort: pd.DataFrame, schema: FeatureSchema | None, att
 
 
 def _check_outcome_overall(dataset: Dataset, cohorts: dict[str, pd.DataFrame]) -> None:
-    labels = np.concatenate([c[LABEL].to_numpy() for c in cohorts.values()])
+    labels = np.concatenate([cohort[LABEL].to_numpy() for cohort in cohorts.values()])
     if np.unique(labels).size < 2:
         outcome = dataset.spec.columns.outcome if dataset.spec.columns else None
         where = f" (column {outcome.column!r}, positive value {outcome.positive!r})" if outcome else ""
@@ -342,13 +343,13 @@ def site_overview(results: dict[str, SiteCohort]) -> pd.DataFrame:
     from compendium.disclosure import count_cell, count_percent_cell
 
     rows = {}
-    for site, r in results.items():
-        labels = r.cohort[LABEL].to_numpy()
+    for site, result in results.items():
+        labels = result.cohort[LABEL].to_numpy()
         rows[site] = {
             "patients in the cohort": count_cell(labels.size),
             "readmitted, n (%)": count_percent_cell(int(labels.sum()), labels.size),
-            "test-split patients": count_cell(int((r.cohort[SPLIT] == "test").sum())),
-            "outcome classes": "both" if r.outcome_classes == 2 else
+            "test-split patients": count_cell(int((result.cohort[SPLIT] == "test").sum())),
+            "outcome classes": "both" if result.outcome_classes == 2 else
             "one only: no local model (it still trains in the federation)",
         }
     return pd.DataFrame(rows)
@@ -358,8 +359,9 @@ def distribution_features(dataset: Dataset, limit: int = 4) -> list[str]:
     """Return up to `limit` numeric features to draw as distributions (log-scale ones first)."""
     if dataset.kind == "omop":
         return ["nt_probnp", "egfr", "sodium", "haemoglobin"]
-    numeric = [(not s.log, name) for name, s in dataset.spec.columns.features.items() if s.type == "numeric"]
-    return [name for _, name in sorted(numeric, key=lambda t: t[0])][:limit]
+    numeric = [(not spec.log, name) for name, spec in dataset.spec.columns.features.items()
+               if spec.type == "numeric"]
+    return [name for _, name in sorted(numeric, key=lambda entry: entry[0])][:limit]
 
 
 def categorical_groups(dataset: Dataset) -> dict[str, list[str]]:
@@ -378,19 +380,19 @@ def variables(dataset: Dataset) -> list[Feature]:
 def summary(profile, dataset: Dataset, results: dict[str, SiteCohort], schema: FeatureSchema) -> dict:
     """Return stage 1's summary.json for provided data: per site counts, classes, features it lacks."""
     sites = {}
-    for site, r in results.items():
-        labels = r.cohort[LABEL].to_numpy()
-        test = r.cohort[SPLIT].to_numpy() == "test"
+    for site, result in results.items():
+        labels = result.cohort[LABEL].to_numpy()
+        test = result.cohort[SPLIT].to_numpy() == "test"
         sites[site] = {
-            "patients": int(r.attrition.get("persons", r.attrition.get("rows", labels.size))),
+            "patients": int(result.attrition.get("persons", result.attrition.get("rows", labels.size))),
             "index_admissions": int(labels.size),
             "readmitted_30d": int(labels.sum()),
             "readmission_rate": round(float(labels.mean()), 4),
             "test_index_admissions": int(test.sum()),
-            "outcome_classes": r.outcome_classes,
+            "outcome_classes": result.outcome_classes,
             "lacks": list(dataset.spec.sites[site].lacks),
         }
-    all_labels = np.concatenate([r.cohort[LABEL].to_numpy() for r in results.values()])
+    all_labels = np.concatenate([result.cohort[LABEL].to_numpy() for result in results.values()])
     return {
         "stage": "01_data_card",
         "profile": profile.profile,
@@ -401,5 +403,5 @@ def summary(profile, dataset: Dataset, results: dict[str, SiteCohort], schema: F
         "missing_indicators": list(schema.indicator_features),
         "sites": sites,
         "total": {"index_admissions": int(all_labels.size), "readmission_rate": round(float(all_labels.mean()), 4)},
-        "attrition": {site: r.attrition for site, r in results.items()},
+        "attrition": {site: result.attrition for site, result in results.items()},
     }

@@ -1,6 +1,7 @@
 """The ground-truth 30-day readmission risk the generator draws labels from.
 
-Directions and rough strengths follow CALIBRATION.md (strongest first):
+Directions and rough strengths follow the published predictors listed in
+docs/calibration.md "Readmission risk" (strongest first):
 prior admissions, emergency visits, length of stay, comorbidity burden, renal
 dysfunction, COPD, psychiatric illness, NT-proBNP, low haemoglobin, low
 sodium, age (weak), female sex (weak, protective), higher systolic pressure
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Log-odds of readmission for a reference patient before the site shift,
-#: chosen so the pooled base rate lands near 19% (CALIBRATION.md: 18-20%).
+#: chosen so the pooled base rate lands near 19% (docs/calibration.md
+#: "Readmission": 18-20%).
 BASELINE_LOGIT = -2.82
 
 
@@ -50,8 +52,8 @@ class PatientState:
 
 def readmission_logit(state: PatientState, site_shift: float) -> np.ndarray:
     """Return each patient's true log-odds of unplanned readmission within 30 days."""
-    c = state.comorbidity
-    comorbidity_burden = sum(c[name].astype(float) for name in c)
+    comorbidity = state.comorbidity
+    comorbidity_burden = sum(comorbidity[name].astype(float) for name in comorbidity)
     logit = (
         BASELINE_LOGIT
         + site_shift
@@ -60,7 +62,8 @@ def readmission_logit(state: PatientState, site_shift: float) -> np.ndarray:
         + 0.28 * np.log(np.clip(state.los_days, 1, None) / 5.0)
         + 0.08 * comorbidity_burden
         + 0.45 * (state.egfr < 30) + 0.20 * (state.egfr < 45)
-        + 0.30 * c["copd"] + 0.30 * c["psychiatric"] + 0.15 * c["diabetes"] + 0.20 * c["cancer"]
+        + 0.30 * comorbidity["copd"] + 0.30 * comorbidity["psychiatric"]
+        + 0.15 * comorbidity["diabetes"] + 0.20 * comorbidity["cancer"]
         + 0.22 * (np.log(state.nt_probnp) - np.log(3500.0))
         + 0.012 * np.clip(125.0 - state.haemoglobin, 0, None)
         + 0.06 * np.clip(136.0 - state.sodium, 0, None)
@@ -84,7 +87,10 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def egfr_ckd_epi_2021(creatinine_umol_l: np.ndarray, age: np.ndarray, female: np.ndarray) -> np.ndarray:
-    """Return eGFR (mL/min/1.73 m2) by the race-free CKD-EPI 2021 creatinine equation."""
+    """Return eGFR (mL/min/1.73 m2) by the race-free CKD-EPI 2021 creatinine equation.
+
+    Inker et al. 2021 (docs/calibration.md "Laboratory values").
+    """
     scr = np.asarray(creatinine_umol_l, dtype=float) / 88.4  # to mg/dL
     female = np.asarray(female, dtype=bool)
     kappa = np.where(female, 0.7, 0.9)

@@ -1,7 +1,8 @@
 """Site profiles: how the synthetic hospitals differ, calibrated to published figures.
 
-Every default below cites its anchor in `../shared/CALIBRATION.md` terms; the
-data card reports the realised value next to the target. A profile is
+Every default below cites its anchor, listed with its full source in
+docs/calibration.md; the data card reports the realised value next to the
+target. A profile is
 validated like any parameter: unknown keys and out-of-range values are errors.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ class SiteProfile(BaseModel):
 
 
 _SHARED_PREVALENCE = {
-    # National register / SwedeHF ranges in CALIBRATION.md.
+    # National patient register / SwedeHF ranges (docs/calibration.md "Comorbidities").
     "hypertension": 0.60,
     "atrial_fibrillation": 0.50,
     "diabetes": 0.25,

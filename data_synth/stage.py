@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from compendium.params import Profile
-from data_synth.cohort import COHORT_FILE, LABEL, SPLIT, Attrition, CohortSpec, write_cohort
+from data_synth.cohort import Attrition, CohortSpec, write_cohort
+from data_synth.features import LABEL, SPLIT
 from data_synth.generator import GROUND_TRUTH_FILE, generate_site, true_risk
 
 SITES_DIR = "sites"
@@ -29,9 +30,9 @@ class SiteResult:
 
 def cohort_spec(profile: Profile) -> CohortSpec:
     """Return the cohort definition of a profile."""
-    c = profile.cohort
-    return CohortSpec(study_start=c.study_start, study_end=c.study_end, followup_end=c.followup_end,
-                      one_index_per_patient=c.one_index_per_patient, test_fraction=c.test_fraction,
+    cohort = profile.cohort
+    return CohortSpec(study_start=cohort.study_start, study_end=cohort.study_end, followup_end=cohort.followup_end,
+                      one_index_per_patient=cohort.one_index_per_patient, test_fraction=cohort.test_fraction,
                       seed=profile.seed)
 
 
@@ -69,12 +70,13 @@ def summary(profile: Profile, results: dict[str, SiteResult]) -> dict:
             "test_index_admissions": int(test.sum()),
             "oracle_auroc_test": round(result.oracle_auroc_test, 4),
         }
-    all_labels = np.concatenate([r.cohort[LABEL].to_numpy() for r in results.values()])
+    all_labels = np.concatenate([result.cohort[LABEL].to_numpy() for result in results.values()])
     return {
         "stage": "01_synthetic_ehr",
         "profile": profile.profile,
         "seed": profile.seed,
         "sites": sites,
         "total": {"index_admissions": int(all_labels.size), "readmission_rate": round(float(all_labels.mean()), 4)},
-        "attrition": {site: {k: v for k, v in asdict(r.attrition).items() if k != "extra"} for site, r in results.items()},
+        "attrition": {site: {step: count for step, count in asdict(result.attrition).items() if step != "extra"}
+                      for site, result in results.items()},
     }

@@ -93,7 +93,7 @@ def test_cohort_finds_exactly_the_designed_index_stays(tmp_path):
     assert set(cohort["index_visit_id"]) <= set(truth["visit_occurrence_id"])
     assert attrition.cohort == len(cohort) and 0.6 * 3000 < len(cohort) < 3000
     rate = cohort["readmitted_30d"].mean()
-    assert 0.12 < rate < 0.30  # CALIBRATION.md: 18-20% (small sample, wide bounds)
+    assert 0.12 < rate < 0.30  # docs/calibration.md "Readmission": 18-20% (small sample, wide bounds)
     merged = cohort.merge(truth, left_on="index_visit_id", right_on="visit_occurrence_id")
     # Labels follow the true risk: readmitted patients have higher true risk on average.
     by_label = merged.groupby("readmitted_30d")["true_risk_30d"].mean()
