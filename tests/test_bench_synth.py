@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.synth import SEED, SITE
 from data_synth import omop
+from data_synth.cohort import COHORT_FILE, CohortSpec, write_cohort
+from data_synth.generator import GROUND_TRUTH_FILE, generate_site
+from data_synth.sites import site_profile
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (2000, 4000)
@@ -19,6 +24,20 @@ def _run(*args: str, tmp_dir: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "benchmarks.synth", *args, "--tmp-dir", str(tmp_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _rows_generated_here(patients: int, folder: Path) -> tuple[dict[str, int], int]:
+    """Return each table's rows and the readmitted count for the benchmark's site and seed, generated in this process.
+
+    Tables are read whole here (the benchmark reads Parquet footers in its child), so a count the
+    benchmark misreports or takes from another table or size shows up as a difference.
+    """
+    omop_dir = generate_site(site_profile(SITE, {"patients": patients}), SEED, folder, progress=False)
+    _, attrition = write_cohort(omop_dir, folder, CohortSpec(seed=SEED), SITE, progress=False)
+    rows = {table: pq.read_table(omop.table_path(omop_dir, table)).num_rows for table in omop.TABLE_NAMES}
+    rows["ground_truth"] = pq.read_table(folder / GROUND_TRUTH_FILE).num_rows
+    rows["cohort"] = pq.read_table(folder / COHORT_FILE).num_rows
+    return rows, attrition.readmitted_30d
 
 
 def test_benchmark_writes_complete_json_and_cleans_up(tmp_path):
@@ -44,11 +63,17 @@ def test_benchmark_writes_complete_json_and_cleans_up(tmp_path):
         assert set(r["rows"]) == {*omop.TABLE_NAMES, "ground_truth", "cohort"}
         assert r["rows"]["person"] == r["rows"]["ground_truth"] == r["patients"]
         assert 0 < r["rows"]["cohort"] <= r["patients"]
-        assert all(count >= 0 for count in r["rows"].values())
+        assert r["rows_total"] == sum(r["rows"].values())
+        assert 0 < r["cohort_readmitted_30d"] < r["rows"]["cohort"]
         assert r["bytes_on_disk"] == sum(r["bytes_by_file"].values()) > 0
         assert {f"omop/{t}.parquet" for t in omop.TABLE_NAMES} <= set(r["bytes_by_file"])
     small, large = data["results"]
     assert large["rows"]["measurement"] > small["rows"]["measurement"]
+    # Exact counts, generated and counted again here (the smaller size: about 2 s).
+    rows, readmitted = _rows_generated_here(small["patients"], tmp_path / "here")
+    assert small["rows"] == rows
+    assert small["cohort_readmitted_30d"] == readmitted
+    assert all(count > 0 for count in rows.values()), rows  # every table has rows at this size
 
     ratio = data["peak_rss_ratio"]
     assert ratio == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"], abs=1e-3)

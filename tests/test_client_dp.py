@@ -5,32 +5,16 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from compendium.params import PARAMS_DIR, load_params
 from fl.data import load_site, site_dir
 from fl.federated import initial_weights, local_update, round_seed
 from fl.flower.engine import run_direct
 from fl.flower.server_app import ClientLevelDP, FederationError, local_train_config
 from fl.privacy.client_dp import client_level_epsilon, client_level_frontier
-from synthetic_sites import build_sites
 
 SITES = {"halland": 400, "sahlgrenska": 600}
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    build_sites(root, SITES, seed=11)
-    return root
-
-
-@pytest.fixture(scope="module")
-def profile():
-    smoke = load_params(PARAMS_DIR / "smoke.yaml")
-    return smoke.model_copy(update={"federated": smoke.federated.model_copy(update={"rounds": 1, "local_epochs": 2})})
-
-
-def _dirs(build):
-    return [site_dir(build, site) for site in SITES]
+SITES_SEED = 11
+FEDERATED = {"rounds": 1, "local_epochs": 2}  # over the smoke profile's federated section
+# `build`, `profile` and `site_dirs` come from conftest.py, built from the three names above.
 
 
 def _clipped_mean_by_hand(build, profile, spec, clipping_norm):
@@ -47,19 +31,19 @@ def _clipped_mean_by_hand(build, profile, spec, clipping_norm):
     return [s + np.mean([u[i] for u in updates], axis=0) for i, s in enumerate(start)]
 
 
-def test_with_negligible_noise_the_global_model_is_the_mean_of_clipped_updates(build, profile, tmp_path):
+def test_with_negligible_noise_the_global_model_is_the_mean_of_clipped_updates(build, profile, site_dirs, tmp_path):
     clipping = 0.05  # well below the updates' norms here, so clipping is active
-    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "dp", client_dp=ClientLevelDP(1e-9, clipping))
+    result = run_direct(profile, "fedavg", site_dirs, tmp_path / "dp", client_dp=ClientLevelDP(1e-9, clipping))
     expected = _clipped_mean_by_hand(build, profile, result.spec, clipping)
     for got, want in zip(result.weights, expected):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-def test_noise_has_the_advertised_scale_and_is_reproducible(build, profile, tmp_path):
+def test_noise_has_the_advertised_scale_and_is_reproducible(build, profile, site_dirs, tmp_path):
     clipping, noise = 0.05, 2.0
     dp = ClientLevelDP(noise, clipping)
-    first = run_direct(profile, "fedavg", _dirs(build), tmp_path / "a", client_dp=dp)
-    again = run_direct(profile, "fedavg", _dirs(build), tmp_path / "b", client_dp=dp)
+    first = run_direct(profile, "fedavg", site_dirs, tmp_path / "a", client_dp=dp)
+    again = run_direct(profile, "fedavg", site_dirs, tmp_path / "b", client_dp=dp)
     for a, b in zip(first.weights, again.weights):
         np.testing.assert_array_equal(a, b)
     expected = _clipped_mean_by_hand(build, profile, first.spec, clipping)
@@ -68,9 +52,9 @@ def test_noise_has_the_advertised_scale_and_is_reproducible(build, profile, tmp_
     assert 0.5 * scale < residual.std() < 1.6 * scale, (residual.std(), scale)
 
 
-def test_client_level_dp_wraps_fedavg_only(build, profile, tmp_path):
+def test_client_level_dp_wraps_fedavg_only(profile, site_dirs, tmp_path):
     with pytest.raises(FederationError, match="wraps FedAvg only"):
-        run_direct(profile, "fedprox", _dirs(build), tmp_path / "x", client_dp=ClientLevelDP(1.0, 1.0))
+        run_direct(profile, "fedprox", site_dirs, tmp_path / "x", client_dp=ClientLevelDP(1.0, 1.0))
 
 
 @pytest.mark.parametrize("noise, rounds", [(0.5, 8), (1.0, 8), (4.0, 30)])
@@ -84,23 +68,23 @@ def test_epsilon_is_the_composed_gaussian_rdp(noise, rounds):
     assert client_level_epsilon(2 * noise, rounds, delta) < epsilon < client_level_epsilon(noise, 2 * rounds, delta)
 
 
-def test_the_frontier_has_a_no_dp_reference_and_loses_utility_with_noise(build, profile, tmp_path):
+def test_the_frontier_has_a_no_dp_reference_and_loses_utility_with_noise(profile, site_dirs, tmp_path):
     longer = profile.model_copy(update={"federated": profile.federated.model_copy(update={"rounds": 4})})
-    frontier = client_level_frontier(longer, _dirs(build), tmp_path, [0.5, 8.0], clipping_norm=0.5, delta=1e-5)
+    frontier = client_level_frontier(longer, site_dirs, tmp_path, [0.5, 8.0], clipping_norm=0.5, delta=1e-5)
     assert list(frontier["noise_multiplier"]) == [0.0, 0.5, 8.0]
     assert np.isinf(frontier["epsilon"].iloc[0]) and frontier["epsilon"].iloc[1] > frontier["epsilon"].iloc[2]
     auroc = frontier[[f"auroc_{s}" for s in SITES]].mean(axis=1)
     assert auroc.iloc[0] > auroc.iloc[2] + 0.05  # heavy noise costs utility
 
 
-def test_patient_level_dp_sgd_inside_the_clientapp_equals_the_plain_dp_loop(build, profile, tmp_path):
+def test_patient_level_dp_sgd_inside_the_clientapp_equals_the_plain_dp_loop(build, profile, site_dirs, tmp_path):
     """DP-SGD in each hospital's ClientApp, accountant kept in the node's state: same model and epsilon as dp_fedavg."""
     from fl.privacy.dp import DPConfig, dp_fedavg
 
     three = profile.model_copy(update={"federated": profile.federated.model_copy(update={"rounds": 3})})
     config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, delta=1e-5, learning_rate=0.5,
                       local_epochs=1)
-    result = run_direct(three, "fedavg", _dirs(build), tmp_path / "dp", patient_dp=config)
+    result = run_direct(three, "fedavg", site_dirs, tmp_path / "dp", patient_dp=config)
     data = {site: load_site(site_dir(build, site), "train") for site in SITES}
     arrays = {site: (result.spec.transform(d.features), d.labels) for site, d in data.items()}
     start = initial_weights("logistic", result.spec.n_outputs, (), three.seed)

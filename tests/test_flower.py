@@ -9,35 +9,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from compendium.params import PARAMS_DIR, load_params
+from compendium.params import PARAMS_DIR
 from fl.data import FEATURE_NAMES, load_site, site_dir
 from fl.federated import fedavg_plain, initial_weights
 from fl.flower.engine import run_direct
 from fl.flower.server_app import FederationError, local_train_config
-from synthetic_sites import build_sites
 
 SITES = {"halland": 500, "sahlgrenska": 800}
+SITES_SEED = 5
+FEDERATED = {"rounds": 4, "local_epochs": 2}  # over the smoke profile's federated section
+# `build`, `profile` and `site_dirs` come from conftest.py, built from the three names above.
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    build_sites(root, SITES, seed=5)
-    return root
-
-
-@pytest.fixture(scope="module")
-def profile():
-    smoke = load_params(PARAMS_DIR / "smoke.yaml")
-    return smoke.model_copy(update={"federated": smoke.federated.model_copy(update={"rounds": 4, "local_epochs": 2})})
-
-
-def _dirs(build):
-    return [site_dir(build, site) for site in SITES]
-
-
-def test_flower_fedavg_equals_the_plain_loop(build, profile, tmp_path):
-    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "fedavg")
+def test_flower_fedavg_equals_the_plain_loop(build, profile, site_dirs, tmp_path):
+    result = run_direct(profile, "fedavg", site_dirs, tmp_path / "fedavg")
     data = {site: load_site(site_dir(build, site), "train") for site in SITES}
     arrays = {site: (result.spec.transform(d.features), d.labels) for site, d in data.items()}
     kind, hidden = profile.baselines.model, tuple(profile.baselines.mlp_hidden)
@@ -50,8 +35,8 @@ def test_flower_fedavg_equals_the_plain_loop(build, profile, tmp_path):
     assert not np.allclose(start[0], result.weights[0])  # training moved the weights
 
 
-def test_federated_statistics_equal_pooled_statistics(build, profile, tmp_path):
-    result = run_direct(profile, "fedavg", _dirs(build), tmp_path / "fedavg")
+def test_federated_statistics_equal_pooled_statistics(build, profile, site_dirs, tmp_path):
+    result = run_direct(profile, "fedavg", site_dirs, tmp_path / "fedavg")
     pooled = pd.concat([load_site(site_dir(build, s), "train").features for s in SITES], ignore_index=True)
     from fl.data import FeatureStatistics, PreprocessingSpec
 
@@ -62,9 +47,9 @@ def test_federated_statistics_equal_pooled_statistics(build, profile, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
-def test_same_seed_same_final_weights(build, profile, tmp_path, strategy):
-    first = run_direct(profile, strategy, _dirs(build), tmp_path / "a")
-    second = run_direct(profile, strategy, _dirs(build), tmp_path / "b")
+def test_same_seed_same_final_weights(profile, site_dirs, tmp_path, strategy):
+    first = run_direct(profile, strategy, site_dirs, tmp_path / "a")
+    second = run_direct(profile, strategy, site_dirs, tmp_path / "b")
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "a" / "ledger.jsonl").read_text() == (tmp_path / "b" / "ledger.jsonl").read_text()
@@ -73,14 +58,14 @@ def test_same_seed_same_final_weights(build, profile, tmp_path, strategy):
     assert sorted((tmp_path / "a" / "checkpoints").glob("round_*.npz"))[-1].name == f"round_{rounds:03d}.npz"
 
 
-def test_strategies_differ(build, profile, tmp_path):
-    weights = {s: run_direct(profile, s, _dirs(build), tmp_path / s).weights[0] for s in ("fedavg", "fedprox", "fedadam")}
+def test_strategies_differ(profile, site_dirs, tmp_path):
+    weights = {s: run_direct(profile, s, site_dirs, tmp_path / s).weights[0] for s in ("fedavg", "fedprox", "fedadam")}
     assert not np.allclose(weights["fedavg"], weights["fedadam"])
     assert not np.allclose(weights["fedavg"], weights["fedprox"])
 
 
-def test_no_message_carries_patient_level_values(build, profile, tmp_path):
-    run_direct(profile, "fedprox", _dirs(build), tmp_path / "run")
+def test_no_message_carries_patient_level_values(build, profile, site_dirs, tmp_path):
+    run_direct(profile, "fedprox", site_dirs, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
     counts = set()
     for site in SITES:
@@ -137,7 +122,7 @@ def test_a_missing_site_folder_stops_the_run(build, profile, tmp_path):
 
 
 @pytest.mark.integration
-def test_flowers_ray_simulation_gives_the_same_model(build, profile, tmp_path):
+def test_flowers_ray_simulation_gives_the_same_model(profile, site_dirs, tmp_path):
     """The same ServerApp and ClientApp in Flower's own (Ray) simulation engine: identical weights."""
     import yaml
 
@@ -148,8 +133,8 @@ def test_flowers_ray_simulation_gives_the_same_model(build, profile, tmp_path):
     data["federated"].update(rounds=profile.federated.rounds, local_epochs=profile.federated.local_epochs)
     params_file = tmp_path / "smoke.yaml"
     params_file.write_text(yaml.safe_dump(data))
-    run_ray(params_file, "fedavg", _dirs(build), tmp_path / "ray")
-    direct = run_direct(profile, "fedavg", _dirs(build), tmp_path / "direct")
+    run_ray(params_file, "fedavg", site_dirs, tmp_path / "ray")
+    direct = run_direct(profile, "fedavg", site_dirs, tmp_path / "direct")
     ray = load_result(tmp_path / "ray", "fedavg")
     for a, b in zip(ray.weights, direct.weights):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -163,7 +148,7 @@ class _ServerCrash(RuntimeError):
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_resume_after_a_crash_reaches_the_uninterrupted_model(build, profile, tmp_path, strategy):
+def test_resume_after_a_crash_reaches_the_uninterrupted_model(profile, site_dirs, tmp_path, strategy):
     from fl.flower.engine import DirectGrid, direct_contexts
 
     class CrashingGrid(DirectGrid):
@@ -175,25 +160,25 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_model(build, profile, tm
                 raise _ServerCrash("server process killed")
             return super().push_messages(messages)
 
-    uninterrupted = run_direct(profile, strategy, _dirs(build), tmp_path / "whole")
+    uninterrupted = run_direct(profile, strategy, site_dirs, tmp_path / "whole")
     with pytest.raises(_ServerCrash):
-        run_direct(profile, strategy, _dirs(build), tmp_path / "crashed", grid=CrashingGrid(direct_contexts(_dirs(build))))
+        run_direct(profile, strategy, site_dirs, tmp_path / "crashed", grid=CrashingGrid(direct_contexts(site_dirs)))
     assert not (tmp_path / "crashed" / "final_model.npz").exists()
     assert (tmp_path / "crashed" / "checkpoints" / "round_002.npz").is_file()
-    resumed = run_direct(profile, strategy, _dirs(build), tmp_path / "crashed", resume=True)
+    resumed = run_direct(profile, strategy, site_dirs, tmp_path / "crashed", resume=True)
     for a, b in zip(resumed.weights, uninterrupted.weights):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert resumed.history == uninterrupted.history  # rounds 1-2 kept from before the crash
 
 
-def test_resume_without_checkpoint_starts_from_scratch(build, profile, tmp_path):
-    fresh = run_direct(profile, "fedavg", _dirs(build), tmp_path / "a")
-    resumed = run_direct(profile, "fedavg", _dirs(build), tmp_path / "b", resume=True)
+def test_resume_without_checkpoint_starts_from_scratch(profile, site_dirs, tmp_path):
+    fresh = run_direct(profile, "fedavg", site_dirs, tmp_path / "a")
+    resumed = run_direct(profile, "fedavg", site_dirs, tmp_path / "b", resume=True)
     for a, b in zip(fresh.weights, resumed.weights):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_site_silent_in_a_round_stops_the_run_instead_of_averaging_the_rest(build, profile, tmp_path):
+def test_a_site_silent_in_a_round_stops_the_run_instead_of_averaging_the_rest(profile, site_dirs, tmp_path):
     """FedAvg over whoever answered would be a different model: the run stops naming the round."""
     from fl.flower.engine import DirectGrid, direct_contexts
 
@@ -208,13 +193,13 @@ def test_a_site_silent_in_a_round_stops_the_run_instead_of_averaging_the_rest(bu
                 return replies[:1]
             return replies
 
-    grid = SilentSite(direct_contexts(_dirs(build)))
+    grid = SilentSite(direct_contexts(site_dirs))
     with pytest.raises(FederationError, match=r"round 2 training: 1 of 2 sites replied; round 1 is checkpointed"):
-        run_direct(profile, "fedavg", _dirs(build), tmp_path / "silent", grid=grid)
+        run_direct(profile, "fedavg", site_dirs, tmp_path / "silent", grid=grid)
     assert not (tmp_path / "silent" / "final_model.npz").exists()
 
 
-def test_a_node_gone_before_a_round_stops_the_run_after_the_timeout(build, profile, tmp_path):
+def test_a_node_gone_before_a_round_stops_the_run_after_the_timeout(profile, site_dirs, tmp_path):
     from fl.flower.engine import DirectGrid, direct_contexts
 
     class LosesANode(DirectGrid):
@@ -227,4 +212,4 @@ def test_a_node_gone_before_a_round_stops_the_run_after_the_timeout(build, profi
     quick = profile.model_copy(update={"federated": profile.federated.model_copy(update={"round_timeout_s": 1.0})})
     with pytest.raises(FederationError, match=r"round 3: only 1 of 2 sites connected within 1 s; round 2 is "
                                               r"checkpointed: start every site and run again with resume"):
-        run_direct(quick, "fedavg", _dirs(build), tmp_path / "gone", grid=LosesANode(direct_contexts(_dirs(build))))
+        run_direct(quick, "fedavg", site_dirs, tmp_path / "gone", grid=LosesANode(direct_contexts(site_dirs)))

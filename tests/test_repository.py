@@ -64,17 +64,27 @@ def test_every_stage_has_its_notebook():
         assert stage.notebook.is_file(), stage.notebook
 
 
-def test_saved_arrays_are_byte_identical_and_loadable(tmp_path):
+def test_saved_arrays_are_byte_identical_and_loadable(tmp_path, monkeypatch):
     import time
+    import zipfile
 
     import numpy as np
 
     from compendium.artifacts import save_arrays
 
     weights = {"weight_0": np.arange(6, dtype=np.float32).reshape(2, 3), "spec_mean": np.array([1.5, 2.5])}
-    save_arrays(tmp_path / "a.npz", **weights)
-    time.sleep(2.1)  # np.savez would stamp a different time into the zip
-    save_arrays(tmp_path / "b.npz", **weights)
+    # Two writes an hour apart on a fake clock. A zip member added by name is stamped with
+    # time.localtime(time.time()) (2 s resolution); save_arrays must give its members a fixed time.
+    now = time.time()
+    for name, clock in (("a", now), ("b", now + 3600)):
+        with monkeypatch.context() as patch:
+            patch.setattr(time, "time", lambda clock=clock: clock)
+            save_arrays(tmp_path / f"{name}.npz", **weights)
+            with zipfile.ZipFile(tmp_path / f"{name}_stamped.zip", "w") as stamped:
+                stamped.writestr("weight_0.npy", b"same bytes")
+    # Control: the fake clock reaches the zip writer, so members added by name differ ...
+    assert (tmp_path / "a_stamped.zip").read_bytes() != (tmp_path / "b_stamped.zip").read_bytes()
+    # ... and save_arrays's files do not.
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     loaded = np.load(tmp_path / "a.npz")
     np.testing.assert_array_equal(loaded["weight_0"], weights["weight_0"])
