@@ -11,11 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD_ROOT ?= build
 DATA ?=
-BUILD := $(BUILD_ROOT)/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA))))
 DATA_ARG := $(if $(DATA),--data $(DATA))
-# A profile may name its dataset itself (`data: path/to/dataset.yaml`); then it builds under build/PROFILE/.
-PROFILE_DATA := $(if $(DATA),,$(shell sed -n 's/^data:[[:space:]]*\([^[:space:]#]*\).*/\1/p' params/$(PROFILE).yaml 2>/dev/null))
-STAGE1_NAME := $(if $(DATA)$(PROFILE_DATA),01_data_card,01_synthetic_ehr)
 PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
 
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
@@ -26,28 +22,26 @@ ifeq ($(wildcard $(DATA)),)
 $(error DATA=$(DATA): no such dataset YAML; see docs/bring_your_own_data.md)
 endif
 endif
-ifneq ($(DATA)$(PROFILE_DATA),)
-# The dataset YAML and the tables it names: a change reruns the data card and everything after it.
-DATA_FILES := $(DATA)$(PROFILE_DATA) $(shell test -x $(VENV)/bin/python && $(VENV)/bin/python -m compendium data-files $(DATA)$(PROFILE_DATA) 2>/dev/null)
-endif
 
 export PYTHONHASHSEED := 0
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-COMPENDIUM_SRC := $(shell find compendium -name '*.py' 2>/dev/null)
-SYNTH_SRC := $(shell find data_synth -name '*.py' 2>/dev/null)
-FL_SRC := $(shell find fl -name '*.py' 2>/dev/null)
+# The stage graph is declared once, in compendium/stages.py. Make reads it from the rules file
+# that `python -m compendium make-rules` writes (BUILD, STAGE1..STAGE5, stage1..stage5 and one rule
+# per stage), and rewrites that file when the profile, the dataset or the stage table changes.
+RULES := $(BUILD_ROOT)/.make/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA)))).mk
+NO_RULES_GOALS := help venv lock test bench lab clean check-params chromium stages smoke
+ifneq ($(filter-out $(NO_RULES_GOALS),$(or $(MAKECMDGOALS),all)),)
+include $(RULES)
+endif
 
-STAGE1 := $(BUILD)/$(STAGE1_NAME)/manifest.json
-STAGE2 := $(BUILD)/02_local_baselines/manifest.json
-STAGE3 := $(BUILD)/03_federated_training/manifest.json
-STAGE4 := $(BUILD)/04_privacy_evaluation/manifest.json
-STAGE5 := $(BUILD)/05_report/manifest.json
+$(RULES): $(STAMP) params/$(PROFILE).yaml compendium/stages.py compendium/makerules.py $(DATA)
+	@$(PY) -m compendium make-rules --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG) --output $@
+
 SITE := $(BUILD)/site/index.html
-REPORT_SRC := $(shell find report -type f 2>/dev/null)
 
-.PHONY: all smoke test bench help venv lock clean lab chromium stage1 stage2 stage3 stage4 report scan check-params federation
+.PHONY: all smoke test bench help venv lock clean lab chromium report scan check-params federation stages
 
 all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
 	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
@@ -55,20 +49,8 @@ all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (de
 smoke: ## the whole pipeline with the small smoke profile
 	@$(MAKE) --no-print-directory all PROFILE=smoke
 
-stage1: $(STAGE1) ## stage 1 only: synthetic EHR and cohort (with DATA: the provided data's data card)
-
-$(STAGE1): $(STAMP) params/$(PROFILE).yaml notebooks/$(STAGE1_NAME).ipynb $(SYNTH_SRC) $(COMPENDIUM_SRC) $(if $(DATA_FILES),$(DATA_FILES) $(FL_SRC))
-	$(PY) -m compendium run $(STAGE1_NAME) --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
-
-stage2: $(STAGE2) ## stage 2: local baselines, pooled model, references
-
-$(STAGE2): $(STAGE1) notebooks/02_local_baselines.ipynb $(FL_SRC)
-	$(PY) -m compendium run 02_local_baselines --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
-
-stage3: $(STAGE3) ## stage 3: federated training with Flower, message ledger
-
-$(STAGE3): $(STAGE2) notebooks/03_federated_training.ipynb $(FL_SRC)
-	$(PY) -m compendium run 03_federated_training --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
+# stage1 .. stage5 (from the rules file): one stage and what it needs, e.g. `make stage3 PROFILE=smoke`.
+# With DATA (or a profile naming its data), stage 1 is the provided data's data card.
 
 RESUME ?=
 STRATEGY ?= fedavg
@@ -76,15 +58,10 @@ STRATEGY ?= fedavg
 federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: SuperLink + a SuperNode per site, TLS, node auth (RESUME=1 continues)
 	$(PY) -m fl.flower.deployment --profile $(PROFILE) --build-root $(BUILD_ROOT) --strategy $(STRATEGY) $(if $(RESUME),--resume) $(DATA_ARG)
 
-stage4: $(STAGE4) ## stage 4: privacy evaluation (membership inference, attacks on updates)
-
-$(STAGE4): $(STAGE3) notebooks/04_privacy_evaluation.ipynb $(FL_SRC)
-	$(PY) -m compendium run 04_privacy_evaluation --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
-
 report: $(SITE) ## stage 5: the pilot report (HTML, PDF, en + sv) and the reviewer site
 
-$(STAGE5): $(STAGE4) notebooks/05_report.ipynb $(REPORT_SRC) | chromium
-	$(PY) -m compendium run 05_report --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
+stages: $(STAMP) ## list the stages in order (make stage1 .. stageN runs one with what it needs)
+	@$(PY) -m compendium stages $(DATA_ARG)
 
 chromium: ## make sure headless Chromium is there for the PDF (installs Debian's package as root)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -95,15 +72,16 @@ chromium: ## make sure headless Chromium is there for the PDF (installs Debian's
 	    echo "error: the report PDF needs Chromium; install it (Debian: sudo apt-get install chromium)" >&2; exit 2; \
 	  fi; }
 
-$(SITE): $(STAGE5)
-	$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
+$(SITE): $(FINAL_STAGE)
+	@$(PY) -m report site --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
 scan: $(SITE) ## leak scan of every rendered page and PDF (fails on a finding)
-	$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
+	@$(PY) -m report scan --profile $(PROFILE) --build-root $(BUILD_ROOT) $(DATA_ARG)
 
-lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel ("fedhf")
+LAB_ARGS ?=
+lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel ("fedhf"); LAB_ARGS="--no-browser --port=..." passes options
 	$(PY) -m ipykernel install --sys-prefix --name fedhf --display-name "Python (fedhf compendium)" >/dev/null
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 check-params: $(STAMP) ## validate params/PROFILE.yaml and exit
 	$(PY) -m compendium check-params $(PROFILE) $(DATA_ARG)
@@ -133,8 +111,8 @@ lock: ## re-resolve requirements.in into requirements.lock and environment.yml
 	$(PYTHON_BOOT) -m compendium.lockfile env
 	rm -rf build/lock-venv
 
-clean: ## remove build/PROFILE (keeps .venv)
-	rm -rf $(BUILD)
+clean: ## remove build/PROFILE and build/PROFILE-<dataset> of DATA (keeps .venv)
+	rm -rf $(BUILD_ROOT)/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA)))) $(RULES)
 
 help: ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'

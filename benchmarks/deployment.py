@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.flower import _prepare
+from benchmarks.flower import prepare_sites
 from compendium.artifacts import git_state, package_versions, write_json
 from compendium.params import REPO_ROOT, load_params, profile_path
 from fl.federated import weights_difference
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
     try:
         print(f"preparing {args.profile} sites ...", flush=True)
-        dirs = _prepare(profile, work / "build")
+        dirs = prepare_sites(profile, work / "build")
         print(f"deployment run ({profile.federated.rounds} rounds) ...", flush=True)
         started = time.perf_counter()
         deployed = run_deployment(params, work / "build", progress=False)

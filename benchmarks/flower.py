@@ -33,7 +33,8 @@ TARGET_STARTUP_SECONDS = 10.0
 TARGET_ROUND_RATIO = 2.0
 
 
-def _prepare(profile, root: Path) -> list[Path]:
+def prepare_sites(profile, root: Path) -> list[Path]:
+    """Return the site folders of a freshly generated federation for the profile, under root."""
     from fl.data import site_dir
 
     dirs = []
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     try:
         print(f"preparing {args.profile} sites ...", flush=True)
-        dirs = _prepare(profile, work / "build")
+        dirs = prepare_sites(profile, work / "build")
         results = {}
         for engine in args.engines:
             print(f"timing {engine} at {low} and {high} rounds ...", flush=True)

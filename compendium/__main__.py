@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from compendium import artifacts
 from compendium.params import ParamsError, build_name, load_params, profile_path
-from compendium.stages import ALL_STAGES, BUILD_ROOT, StageError, pipeline, run_stage
+from compendium.stages import ALL_STAGES, BUILD_ROOT, StageError, mermaid, pipeline, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,19 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--data", type=Path, default=None)
     stages = sub.add_parser("stages", help="list the stages in order")
     stages.add_argument("--data", type=Path, default=None)
-    files = sub.add_parser("data-files", help="print the data files a dataset YAML reads (for make)")
-    files.add_argument("data", type=Path)
+    stages.add_argument("--mermaid", action="store_true", help="print the stage graph as a Mermaid flowchart")
     folder = sub.add_parser("build-name", help="print the build folder name of a profile (and dataset)")
     folder.add_argument("profile")
     folder.add_argument("--data", type=Path, default=None)
+    rules = sub.add_parser("make-rules", help="write the make rules of every stage for a profile (the Makefile reads them)")
+    rules.add_argument("--profile", required=True)
+    rules.add_argument("--build-root", default="build")
+    rules.add_argument("--data", default=None)
+    rules.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "stages":
-            print("\n".join(pipeline(args.data is not None)))
-        elif args.command == "data-files":
-            from data_synth.dataset import load_dataset
+            print(mermaid() if args.mermaid else "\n".join(pipeline(args.data is not None)))
+        elif args.command == "make-rules":
+            from compendium.makerules import make_rules
 
-            print(" ".join(artifacts.relative(p) for p in load_dataset(args.data).input_files()))
+            text = make_rules(args.profile, args.build_root, args.data)
+            artifacts.atomic_write(args.output, lambda tmp: tmp.write_text(text))
         elif args.command == "build-name":
             print(build_name(args.profile, args.data))
         elif args.command == "check-params":
@@ -45,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
             data = f", data {profile.data}" if profile.data else ""
             print(f"params/{args.profile}.yaml is valid: sites {list(profile.sites)}, seed {profile.seed}{data}")
         else:
+            order = pipeline(args.data is not None or load_params(profile_path(args.profile)).data is not None)
+            position = f"{order.index(args.stage) + 1}/{len(order)}" if args.stage in order else "-"
+            print(f"[{position}] {args.stage}: {ALL_STAGES[args.stage].title} ({args.profile} profile)", flush=True)
+            started = time.perf_counter()
             folder = run_stage(args.stage, args.profile, build_root=args.build_root, progress=not args.no_progress,
                                data_file=args.data)
-            print(f"{args.stage}: artifacts in {folder}")
+            print(f"[{position}] {args.stage}: done in {time.perf_counter() - started:.0f} s, "
+                  f"artifacts in {artifacts.relative(folder)}", flush=True)
         return 0
     except (ParamsError, StageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from compendium.params import REPO_ROOT
+from compendium.paths import REPO_ROOT
 
 #: Packages whose versions every manifest records.
 RECORDED_PACKAGES = (

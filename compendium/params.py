@@ -15,10 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compendium.paths import PARAMS_DIR, REPO_ROOT
 from data_synth.sites import SITE_NAMES, SiteProfile, site_profile
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PARAMS_DIR = REPO_ROOT / "params"
 
 
 class ParamsError(ValueError):
@@ -136,7 +134,7 @@ class PrivacyParams(_Strict):
     @field_validator("sensitive_attribute")
     @classmethod
     def _binary_attribute(cls, value: str) -> str:
-        from data_synth.cohort import FEATURES
+        from data_synth.features import FEATURES
 
         binary = [f.name for f in FEATURES if f.kind == "binary"]
         if value not in binary:

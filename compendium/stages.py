@@ -17,21 +17,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compendium import artifacts
-from compendium.params import REPO_ROOT, build_name, load_params, profile_path
+from compendium.params import build_name, load_params, profile_path
+from compendium.paths import BUILD_ROOT, REPO_ROOT
 
-BUILD_ROOT = REPO_ROOT / "build"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: its notebook, the packages it runs, the stages it reads."""
+    """One pipeline stage: its notebook, the sources it runs, the stages it reads.
+
+    This table is the pipeline's only declaration: `make` reads its rules from
+    it (`python -m compendium make-rules`, see `compendium/makerules.py`) and
+    every manifest lists the same sources as inputs.
+    """
 
     name: str
     title: str
+    #: Python packages whose modules the stage runs (a change to any makes the stage stale).
     packages: tuple[str, ...]
     upstream: tuple[str, ...] = ()
+    #: Other source files, as globs from the repository root (templates, texts).
+    assets: tuple[str, ...] = ()
+    #: Make targets that must have run first but whose age does not matter (tools such as Chromium).
+    tools: tuple[str, ...] = ()
 
     @property
     def notebook(self) -> Path:
@@ -49,7 +59,8 @@ STAGES: dict[str, Stage] = {
         Stage("04_privacy_evaluation", "Privacy evaluation", ("fl", "data_synth", "compendium"),
               upstream=("01_synthetic_ehr", "03_federated_training")),
         Stage("05_report", "The pilot report", ("report", "compendium"),
-              upstream=("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")),
+              upstream=("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation"),
+              assets=("report/templates/*", "report/text/*", "report/*.yaml"), tools=("chromium",)),
     )
 }
 #: Stage 1 is the synthetic generator, or, on a provided dataset, its data card; later stages read either.
@@ -64,6 +75,24 @@ def pipeline(provided: bool) -> list[str]:
     return [DATA_CARD_STAGE, *list(STAGES)[1:]] if provided else list(STAGES)
 
 
+def upstream_of(stage: Stage, provided: bool) -> list[str]:
+    """Return the stages `stage` reads, with stage 1 named as it is on synthetic or provided data."""
+    return [DATA_CARD_STAGE if provided and name == SYNTHETIC_STAGE else name for name in stage.upstream]
+
+
+def mermaid() -> str:
+    """Return the stage graph as a Mermaid flowchart (docs/architecture.md shows it; a test keeps them equal)."""
+    lines = ["flowchart LR"]
+    for stage in ALL_STAGES.values():
+        lines.append(f'    stage{stage.name}["{stage.name}<br/>{stage.title}"]')
+    for stage in ALL_STAGES.values():
+        for upstream in stage.upstream:
+            lines.append(f"    stage{upstream} --> stage{stage.name}")
+    lines += [f"    stage{DATA_CARD_STAGE} -. provided data .-> stage{downstream}"
+              for downstream in STAGES if SYNTHETIC_STAGE in STAGES[downstream].upstream]
+    return "\n".join(lines)
+
+
 class StageError(RuntimeError):
     """A stage could not run (missing upstream artifacts, a failed notebook)."""
 
@@ -73,10 +102,12 @@ def stage_dir(profile: str, stage: str, build_root: Path = BUILD_ROOT) -> Path:
 
 
 def source_files(stage: Stage) -> list[Path]:
-    """Return the files whose change makes the stage stale: notebook and package sources."""
+    """Return the files whose change makes the stage stale: notebook, package sources and assets."""
     files = [stage.notebook]
     for package in stage.packages:
         files.extend(sorted((REPO_ROOT / package).rglob("*.py")))
+    for pattern in stage.assets:
+        files.extend(sorted(path for path in REPO_ROOT.glob(pattern) if path.is_file()))
     return files
 
 
@@ -105,8 +136,7 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
     profile_root = Path(build_root) / folder_name
     make_hint = f"make all PROFILE={profile_name}" + (f" DATA={artifacts.relative(Path(data_file))}" if data_file else "")
     upstream_inputs = []
-    for upstream in stage.upstream:
-        upstream = DATA_CARD_STAGE if dataset is not None and upstream == SYNTHETIC_STAGE else upstream
+    for upstream in upstream_of(stage, dataset is not None):
         folder = profile_root / upstream
         if not (folder / MANIFEST).is_file():
             raise StageError(f"stage {name} needs {upstream} first: {artifacts.relative(folder)} has no "
@@ -123,11 +153,14 @@ def run_stage(name: str, profile_name: str, build_root: Path = BUILD_ROOT, progr
     try:
         executed_path = staging / f".{name}.executed.ipynb"
         try:
+            offered = {"params_path": artifacts.relative(params_file), "output_dir": str(staging),
+                       "build_dir": str(profile_root), "data_path": profile.data or ""}
+            declared = papermill.inspect_notebook(str(stage.notebook))  # pass only these: no "unknown parameter" noise
             papermill.execute_notebook(
                 str(stage.notebook), str(executed_path),
-                parameters={"params_path": artifacts.relative(params_file), "output_dir": str(staging),
-                            "build_dir": str(profile_root), "data_path": profile.data or ""},
+                parameters={key: value for key, value in offered.items() if key in declared},
                 cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3", log_output=False,
+                kernel_manager_class="compendium.kernel.QuietKernelManager",
             )
         except papermill.PapermillExecutionError as error:
             log = profile_root / "logs" / f"{name}.failed.ipynb"

@@ -19,14 +19,15 @@ import pandas as pd
 import yaml
 
 from compendium.disclosure import count_cell, count_percent_cell
-from data_synth.cohort import FEATURES
+from compendium.stages import DATA_CARD_STAGE
+from compendium.stages import STAGES as PIPELINE_STAGES
+from data_synth.features import FEATURES
 from fl.evaluate import Estimate
 
 REPORT_DIR = Path(__file__).resolve().parent
 LANGUAGES = ("en", "sv")
-STAGES = ("01_synthetic_ehr", "02_local_baselines", "03_federated_training", "04_privacy_evaluation")
-#: Stage 1 on a provided dataset: its data card takes the synthetic stage's place.
-DATA_CARD_STAGE = "01_data_card"
+#: The stages the report reads, as the stage table declares them (synthetic names; see `collect`).
+STAGES = PIPELINE_STAGES["05_report"].upstream
 FIGURES = {
     "missingness": "01_synthetic_ehr/figures/missingness.png",
     "auroc_forest": "02_local_baselines/figures/auroc_forest.png",
