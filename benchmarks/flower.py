@@ -52,7 +52,7 @@ def _with_rounds(profile, rounds: int):
 
 def _plain(profile, dirs: list[Path], out: Path) -> None:
     """The plain loop, doing what the Flower run does: statistics, then train, aggregate, evaluate."""
-    from fl import evaluate as ev
+    from fl.evaluate import auroc
     from fl.data import FeatureStatistics, PreprocessingSpec, load_site
     from fl.federated import fedavg_plain, initial_weights, predict
     from fl.flower.server_app import local_train_config
@@ -66,7 +66,7 @@ def _plain(profile, dirs: list[Path], out: Path) -> None:
 
     def evaluate(_round, weights):
         for site, t in test.items():
-            ev.auroc(t.labels, predict(kind, hidden, weights, test_x[site]))
+            auroc(t.labels, predict(kind, hidden, weights, test_x[site]))
 
     fedavg_plain(kind, hidden, initial_weights(kind, spec.n_outputs, hidden, profile.seed), arrays,
                  profile.federated.rounds, local_train_config(profile), profile.seed, after_round=evaluate)

@@ -19,7 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_synth.cohort import COHORT_FILE, FEATURES, LABEL, SPLIT
+from compendium.stages import DATA_CARD_STAGE, SYNTHETIC_STAGE
+from data_synth.features import COHORT_FILE, FEATURES, LABEL, SPLIT
 from data_synth.generator import GROUND_TRUTH_FILE, true_risk
 
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
@@ -29,9 +30,6 @@ LOG_FEATURES = ("nt_probnp", "creatinine")
 #: Variables that may be missing get a 0/1 "was missing" indicator beside the imputed value.
 MISSING_INDICATOR_FEATURES = ("nt_probnp", "creatinine", "egfr", "sodium", "potassium", "haemoglobin",
                               "systolic_bp", "lvef")
-#: Stage 1's folder: the synthetic generator's, or the data card of a provided dataset.
-SYNTHETIC_STAGE = "01_synthetic_ehr"
-DATA_CARD_STAGE = "01_data_card"
 #: Columns of the model matrix: standardised features, then missing indicators.
 MODEL_INPUTS = len(FEATURE_NAMES) + len(MISSING_INDICATOR_FEATURES)
 #: Parquet metadata key under which a cohort file carries its FeatureSchema (provided data).
@@ -225,7 +223,11 @@ def load_oracle_risk(directory: Path, split: str = "test") -> np.ndarray:
 
 
 # ---------------------------------------------------------------- preprocessing
-def _transformed(features: pd.DataFrame, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> pd.DataFrame:
+def transformed_features(features: pd.DataFrame, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> pd.DataFrame:
+    """Return the schema's features as floats with the fixed log transforms applied (missing stays NaN).
+
+    This is the scale `FeatureStatistics` summarise and `PreprocessingSpec` standardises.
+    """
     out = features[list(schema.features)].astype(float).copy()
     for name in schema.log_features:
         out[name] = np.log(out[name].clip(lower=1e-3))
@@ -244,7 +246,7 @@ class FeatureStatistics:
     @classmethod
     def of(cls, features: pd.DataFrame, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> "FeatureStatistics":
         """Return the statistics of a feature table (after the fixed log transforms)."""
-        values = _transformed(features, schema).to_numpy()
+        values = transformed_features(features, schema).to_numpy()
         present = ~np.isnan(values)
         filled = np.where(present, values, 0.0)
         return cls(present.sum(axis=0).astype(float), filled.sum(axis=0), (filled**2).sum(axis=0), len(values))
@@ -315,7 +317,7 @@ class PreprocessingSpec:
 
     def transform(self, features: pd.DataFrame) -> np.ndarray:
         """Return the model matrix (float32): standardised features, imputed at the mean, plus indicators."""
-        values = _transformed(features, self.schema).to_numpy()
+        values = transformed_features(features, self.schema).to_numpy()
         missing = np.isnan(values)
         standardised = np.where(missing, 0.0, (values - self.mean) / self.std)
         indicator_columns = [self.schema.features.index(name) for name in self.schema.indicator_features]

@@ -32,29 +32,12 @@ def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return y.astype(np.int8), s
 
 
-def _midranks(values: np.ndarray) -> np.ndarray:
-    """Return 1-based mid-ranks along the last axis (ties share their average rank)."""
-    n = values.shape[-1]
-    order = np.argsort(values, axis=-1, kind="mergesort")
-    sorted_values = np.take_along_axis(values, order, axis=-1)
-    position = np.broadcast_to(np.arange(n), values.shape)
-    starts_run = np.ones(values.shape, dtype=bool)
-    starts_run[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
-    ends_run = np.ones(values.shape, dtype=bool)
-    ends_run[..., :-1] = starts_run[..., 1:]
-    run_start = np.maximum.accumulate(np.where(starts_run, position, 0), axis=-1)
-    run_end = np.minimum.accumulate(np.where(ends_run, position, n - 1)[..., ::-1], axis=-1)[..., ::-1]
-    ranks = np.empty(values.shape, dtype=float)
-    np.put_along_axis(ranks, order, (run_start + run_end) / 2.0 + 1.0, axis=-1)
-    return ranks
-
-
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float | np.ndarray:
     """Return the area under the ROC curve (rows of 2-D input are separate resamples)."""
     y, s = _check(y_true, scores)
     n_pos = y.sum(axis=-1).astype(float)
     n_neg = y.shape[-1] - n_pos
-    ranks = _midranks(s)
+    ranks = stats.rankdata(s, method="average", axis=-1)
     rank_sum = (ranks * y).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         value = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
@@ -237,9 +220,9 @@ def delong_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) 
     v10, v01, aucs = [], [], []
     for s in (a, b):
         # Structural components by mid-ranks (Sun and Xu 2014).
-        r_all = _midranks(s)
-        r_pos = _midranks(s[pos])
-        r_neg = _midranks(s[neg])
+        r_all = stats.rankdata(s, method="average")
+        r_pos = stats.rankdata(s[pos], method="average")
+        r_neg = stats.rankdata(s[neg], method="average")
         v10.append((r_all[pos] - r_pos) / n)
         v01.append(1.0 - (r_all[neg] - r_neg) / m)
         aucs.append((r_all[pos].sum() - m * (m + 1) / 2) / (m * n))

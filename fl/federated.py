@@ -38,7 +38,7 @@ def local_update(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], 
     """Return the weights after `config.epochs` local epochs starting from the global `weights`."""
     model = build_model(kind, features.shape[1], seed=None, hidden=hidden)
     set_weights(model, weights)
-    reference = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
+    reference = [parameter.detach().clone() for parameter in model.parameters()] if config.proximal_mu > 0 else None
     history = fit(model, features, labels, config, seed=seed, reference=reference)
     return LocalResult(get_weights(model), int(len(labels)), float(history.train_loss[-1]))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from fl import evaluate as ev
+from fl.evaluate import calibration_curve, net_benefit
 
 
 def auroc_forest(metrics: pd.DataFrame, title: str = "AUROC with 95% bootstrap CI on each test site"):
@@ -37,7 +37,7 @@ def calibration_plots(labels: dict[str, np.ndarray], predictions: dict[str, dict
     fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 4), sharey=True)
     for ax, site in zip(np.atleast_1d(axes), sites):
         for model in models:
-            curve = ev.calibration_curve(labels[site], predictions[model][site])
+            curve = calibration_curve(labels[site], predictions[model][site])
             ax.plot(curve["predicted"], curve["observed"], marker="o", label=model)
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
         top = 0.7
@@ -60,7 +60,7 @@ def decision_curves(labels: dict[str, np.ndarray], predictions: dict[str, dict[s
     for ax, site in zip(np.atleast_1d(axes), sites):
         curve = None
         for model in models:
-            curve = ev.net_benefit(labels[site], predictions[model][site], thresholds)
+            curve = net_benefit(labels[site], predictions[model][site], thresholds)
             ax.plot(curve["threshold"], curve["model"], label=model)
         ax.plot(curve["threshold"], curve["treat_all"], color="grey", linestyle="--", label="treat all")
         ax.axhline(0, color="black", linewidth=0.8, label="treat none")

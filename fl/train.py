@@ -75,7 +75,7 @@ def fit(model: nn.Module, features: np.ndarray, labels: np.ndarray, config: Trai
     if x.shape[0] == 0:
         raise ValueError("no training rows")
     if config.proximal_mu > 0 and reference is None:
-        reference = [p.detach().clone() for p in model.parameters()]
+        reference = [parameter.detach().clone() for parameter in model.parameters()]
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, config)
     history = History()
@@ -100,7 +100,7 @@ def fit(model: nn.Module, features: np.ndarray, labels: np.ndarray, config: Trai
             loss = _loss(model, xb, yb)
             if config.proximal_mu > 0:
                 loss = loss + config.proximal_mu / 2 * sum(
-                    ((p - r) ** 2).sum() for p, r in zip(model.parameters(), reference))
+                    ((parameter - start) ** 2).sum() for parameter, start in zip(model.parameters(), reference))
             loss.backward()
             optimizer.step()
             epoch_loss += float(loss.detach()) * xb.shape[0]

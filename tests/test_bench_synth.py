@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.synth import SEED, SITE
 from data_synth import omop
-from data_synth.cohort import COHORT_FILE, CohortSpec, write_cohort
+from data_synth.cohort import CohortSpec, write_cohort
+from data_synth.features import COHORT_FILE
 from data_synth.generator import GROUND_TRUTH_FILE, generate_site
 from data_synth.sites import site_profile
 

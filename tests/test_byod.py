@@ -202,7 +202,7 @@ def test_a_site_lacking_a_feature_gets_the_federated_mean_and_an_indicator(tmp_p
 
 
 def test_single_class_site_trains_in_the_federation_but_has_no_local_model(tmp_path):
-    from fl import baselines
+    from fl.baselines import stage
     from fl.flower.engine import run_direct
 
     rng = np.random.default_rng(3)
@@ -216,15 +216,15 @@ def test_single_class_site_trains_in_the_federation_but_has_no_local_model(tmp_p
     profile = smoke.model_copy(update={
         "baselines": smoke.baselines.model_copy(update={"epochs": 20, "bootstrap_resamples": 50}),
         "federated": smoke.federated.model_copy(update={"rounds": 2, "local_epochs": 1})})
-    stage2 = baselines.run(profile, build)
+    stage2 = stage.run(profile, build)
     assert "local_east" not in stage2.fitted
     assert "every training patient at east has the same outcome" in stage2.not_fitted["local_east"]
-    summary = baselines.summary(profile, stage2)
+    summary = stage.summary(profile, stage2)
     assert "oracle" not in summary["auroc"] and "lace" not in summary["auroc"]
     assert summary["not_estimable"]["local_east"]["north"].startswith("not estimable")
     assert "same outcome" in summary["not_estimable"]["pooled"]["east"]  # east's test split: one class
     assert summary["auroc"]["pooled"]["north"]["value"] > 0
-    assert "not estimable" in baselines.auroc_table(stage2).loc["local_east", "north"]
+    assert "not estimable" in stage.auroc_table(stage2).loc["local_east", "north"]
     federated = run_direct(profile, "fedavg", [site_dir(build, s) for s in SITES], tmp_path / "fed")
     assert set(federated.site_rows) == set(SITES) and federated.site_rows["east"] > 0
     ledger = [json.loads(line) for line in (tmp_path / "fed" / "ledger.jsonl").read_text().splitlines()]
@@ -282,7 +282,7 @@ def test_omop_sites_go_through_the_cohort_builder_without_identifiers(tmp_path):
 
 
 def test_table_one_hides_a_categorical_reference_level_recoverable_by_subtraction():
-    from data_synth.cohort import Feature
+    from data_synth.features import Feature
     from data_synth.datacard import table_one
 
     # 40 patients: 3 in the reference level (I), 20 in II, 17 in III; I = 40 - 20 - 17 would leak.

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_synth import cohort
-from data_synth.cohort import (ATTRITION_FILE, COHORT_FILE, FEATURE_NAMES, LABEL, CohortSpec, assign_split,
-                               build_cohort, lace_score, write_cohort)
+from data_synth.cohort import CohortSpec, assign_split, build_cohort, lace_score, write_cohort
+from data_synth.features import ATTRITION_FILE, COHORT_FILE, FEATURE_NAMES, LABEL
 from omop_fixture import (ADMIT, AGAINST_ADVICE, DIED, DISCHARGE, ER_AND_INPATIENT, ER_ONLY, FROM_ER, FROM_HOME,
                           INPATIENT, OUTPATIENT, TRANSFER, Patient, after_discharge, anchors, before_admit, hf_patient,
                           index_visit_id, write_patients)

@@ -28,7 +28,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from data_synth.cohort import LABEL, CohortSpec, write_cohort  # noqa: E402
+from data_synth.cohort import CohortSpec, write_cohort  # noqa: E402
+from data_synth.features import LABEL  # noqa: E402
 from data_synth.generator import generate_site  # noqa: E402
 from data_synth.sites import site_profile  # noqa: E402
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_to_proto
 
-from fl import evaluate as ev
-from data_synth.cohort import COHORT_FILE
+from data_synth.features import COHORT_FILE
 from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
+from fl.evaluate import auroc, record_loss
 from fl.federated import local_update, predict, predict_logits, round_seed
-from fl.flower import protocol as p
+from fl.flower import protocol
 from fl.flower.isolation import check_site, confine_to_site
 
 
@@ -37,7 +38,7 @@ def site_ledger(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     path = context.node_config.get("site-ledger")
     if path:
-        server_round = int(msg.content[p.CONFIG].get("server-round", 0)) if p.CONFIG in msg.content else 0
+        server_round = int(msg.content[protocol.CONFIG].get("server-round", 0)) if protocol.CONFIG in msg.content else 0
         with open(str(path), "a") as handle:
             for direction, message in (("server->site", msg), ("site->server", reply)):
                 handle.write(json.dumps({"round": server_round, "direction": direction,
@@ -66,70 +67,78 @@ def site_directory(context: Context) -> Path:
     return Path(dirs[partition])
 
 
+@dataclass(frozen=True, eq=False)
+class LocalSplit:
+    """One split of this node's own cohort, with its model matrix under the run's preprocessing spec.
+
+    `local_split` keeps these in one per-process cache: a node reads its
+    cohort once and transforms it once per spec (the spec is fixed in a run).
+    """
+
+    data: SiteSplit
+    #: spec.key -> model matrix; only the latest spec's is kept.
+    matrices: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def model_matrix(self, spec: PreprocessingSpec) -> np.ndarray:
+        """Return the split's model matrix under `spec` (standardised features and missing indicators)."""
+        if spec.key not in self.matrices:
+            self.matrices.clear()
+            self.matrices[spec.key] = spec.transform(self.data.features)
+        return self.matrices[spec.key]
+
+
 @functools.lru_cache(maxsize=8)
-def _cached_site(directory: Path, split: str, modified_ns: int) -> SiteSplit:
-    return load_site(directory, split)
+def _read_split(directory: Path, split: str, modified_ns: int) -> LocalSplit:
+    return LocalSplit(load_site(directory, split))
 
 
-def _site(context: Context, split: str) -> SiteSplit:
-    """Return this node's split, read once per process (re-read if the cohort file changes)."""
+def local_split(context: Context, split: str) -> LocalSplit:
+    """Return this node's split of its own cohort, read once per process (re-read if the cohort file changes)."""
     directory = site_directory(context)
     cohort = directory / COHORT_FILE
     modified = cohort.stat().st_mtime_ns if cohort.exists() else 0
-    data = _cached_site(directory.resolve(), split, modified) if modified else load_site(directory, split)
-    if len(data) == 0:
-        raise ValueError(f"site {data.site!r} has no {split} rows in {directory}")
-    return data
-
-
-_MATRICES: dict[tuple, np.ndarray] = {}
-
-
-def _matrix(data: SiteSplit, spec: PreprocessingSpec) -> np.ndarray:
-    """Return the split's model matrix under `spec`, computed once per spec (the spec is fixed in a run)."""
-    key = (data.site, data.split, len(data), spec.key)
-    if key not in _MATRICES:
-        if len(_MATRICES) >= 8:
-            _MATRICES.clear()
-        _MATRICES[key] = spec.transform(data.features)
-    return _MATRICES[key]
+    local = _read_split(directory.resolve(), split, modified) if modified else LocalSplit(load_site(directory, split))
+    if len(local.data) == 0:
+        raise ValueError(f"site {local.data.site!r} has no {split} rows in {directory}")
+    return local
 
 
 def _site_record(data: SiteSplit) -> ConfigRecord:
-    return ConfigRecord({"site": data.site, **p.site_schema_fields(data.schema)})
+    return ConfigRecord({"site": data.site, **protocol.site_schema_fields(data.schema)})
 
 
 @app.query("statistics")
 def statistics(msg: Message, context: Context) -> Message:
     """Reply with the per-feature aggregates of the training split (counts, sums, sums of squares)."""
-    data = _site(context, "train")
+    data = local_split(context, "train").data
     stats = FeatureStatistics.of(data.features, data.schema)
     arrays = ArrayRecord([np.asarray(a, dtype=np.float64) for a in (stats.count, stats.total, stats.total_squares)])
-    content = RecordDict({p.STATISTICS: arrays, p.SITE: _site_record(data),
-                          p.METRICS: MetricRecord({"rows": int(stats.rows)})})
+    content = RecordDict({protocol.STATISTICS: arrays, protocol.SITE: _site_record(data),
+                          protocol.METRICS: MetricRecord({"rows": int(stats.rows)})})
     return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training split and return the new weights."""
-    data = _site(context, "train")
-    config = msg.content[p.CONFIG]
-    spec, train_config, kind, hidden, seed = p.read_settings(config, data.schema)
-    weights = msg.content[p.ARRAYS].to_numpy_ndarrays()
+    local = local_split(context, "train")
+    data = local.data
+    config = msg.content[protocol.CONFIG]
+    spec, train_config, kind, hidden, seed = protocol.read_settings(config, data.schema)
+    weights = msg.content[protocol.ARRAYS].to_numpy_ndarrays()
     seed_of_round = round_seed(seed, data.site, int(config["server-round"]))
-    dp = p.read_dp(config)
+    dp = protocol.read_dp(config)
     metrics = {}
     if dp is None:
-        result = local_update(kind, hidden, weights, _matrix(data, spec), data.labels, train_config, seed_of_round)
+        result = local_update(kind, hidden, weights, local.model_matrix(spec), data.labels, train_config, seed_of_round)
     else:
-        result, metrics["epsilon"] = _dp_update(weights, _matrix(data, spec), data.labels, dp, kind, context,
+        result, metrics["epsilon"] = _dp_update(weights, local.model_matrix(spec), data.labels, dp, kind, context,
                                                 seed_of_round)
     content = RecordDict({
-        p.ARRAYS: ArrayRecord(result.weights),
-        p.METRICS: MetricRecord({p.NUM_EXAMPLES: result.num_examples, p.CLIENT_WEIGHT: 1,
-                                 "train-loss": result.train_loss, **metrics}),
-        p.SITE: _site_record(data),
+        protocol.ARRAYS: ArrayRecord(result.weights),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: result.num_examples, protocol.CLIENT_WEIGHT: 1,
+                                        "train-loss": result.train_loss, **metrics}),
+        protocol.SITE: _site_record(data),
     })
     return Message(content, reply_to=msg)
 
@@ -149,28 +158,29 @@ def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed:
     if kind != "logistic":
         raise ValueError(f"patient-level DP-SGD is implemented for the logistic model, not {kind!r}")
     accountant = RDPAccountant()
-    if p.DP_ACCOUNTANT in context.state:
-        saved = context.state[p.DP_ACCOUNTANT]
+    if protocol.DP_ACCOUNTANT in context.state:
+        saved = context.state[protocol.DP_ACCOUNTANT]
         accountant.history = [(float(z), float(q), int(n)) for z, q, n in
                               zip(saved["noise"], saved["sample-rate"], saved["steps"])]
     result = dp_local_update(weights, features, labels, dp, accountant, seed)
-    context.state[p.DP_ACCOUNTANT] = ConfigRecord({"noise": [float(h[0]) for h in accountant.history],
-                                                   "sample-rate": [float(h[1]) for h in accountant.history],
-                                                   "steps": [int(h[2]) for h in accountant.history]})
+    context.state[protocol.DP_ACCOUNTANT] = ConfigRecord({"noise": [float(h[0]) for h in accountant.history],
+                                                          "sample-rate": [float(h[1]) for h in accountant.history],
+                                                          "steps": [int(h[2]) for h in accountant.history]})
     return result, float(accountant.get_epsilon(dp.delta))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
-    data = _site(context, "test")
-    spec, _, kind, hidden, _ = p.read_settings(msg.content[p.CONFIG], data.schema)
-    weights, features = msg.content[p.ARRAYS].to_numpy_ndarrays(), _matrix(data, spec)
+    local = local_split(context, "test")
+    data = local.data
+    spec, _, kind, hidden, _ = protocol.read_settings(msg.content[protocol.CONFIG], data.schema)
+    weights, features = msg.content[protocol.ARRAYS].to_numpy_ndarrays(), local.model_matrix(spec)
     probabilities = predict(kind, hidden, weights, features)
-    loss = float(np.mean(ev.record_loss(predict_logits(kind, hidden, weights, features), data.labels)))
+    loss = float(np.mean(record_loss(predict_logits(kind, hidden, weights, features), data.labels)))
     content = RecordDict({
-        p.METRICS: MetricRecord({p.NUM_EXAMPLES: len(data), p.CLIENT_WEIGHT: 1, "test-loss": loss,
-                                 "auroc": float(ev.auroc(data.labels, probabilities))}),
-        p.SITE: _site_record(data),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(data), protocol.CLIENT_WEIGHT: 1,
+                                        "test-loss": loss, "auroc": float(auroc(data.labels, probabilities))}),
+        protocol.SITE: _site_record(data),
     })
     return Message(content, reply_to=msg)

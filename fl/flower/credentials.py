@@ -15,10 +15,10 @@ this module makes what a local run needs, with the `cryptography` package:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import ipaddress
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -74,10 +74,10 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_certificates(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS, now: dt.datetime | None = None) -> None:
+def make_certificates(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS, now: datetime | None = None) -> None:
     """Write a CA and a SuperLink certificate for `hosts`, signed by it, into `folder`."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=VALID_DAYS)
+    now = now or datetime.now(timezone.utc)
+    start, end = now - timedelta(minutes=5), now + timedelta(days=VALID_DAYS)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (x509.CertificateBuilder().subject_name(_name("FedHF local CA")).issuer_name(_name("FedHF local CA"))
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())

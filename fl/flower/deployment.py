@@ -182,21 +182,21 @@ class LocalFederation:
     # --- the aggregation service --------------------------------------
     def start_superlink(self, timeout: float = 60) -> Service:
         """Start the SuperLink (TLS, node authentication, state on disk) and wait until it listens."""
-        c = self.credentials
+        credentials = self.credentials
         # Fresh state every time (keys are registered again): a node killed without signing off stays
         # "online" in the old state until its heartbeats expire, and is refused re-activation until
         # then. What a resumed run needs is the ServerApp's checkpoints, not the SuperLink's state.
         for database in self.state_dir.glob("superlink.db*"):
             database.unlink()
         service = self.start("superlink", [
-            _bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca_certificate),
-            "--ssl-certfile", str(c.server_certificate), "--ssl-keyfile", str(c.server_key),
+            _bin("flower-superlink"), "--ssl-ca-certfile", str(credentials.ca_certificate),
+            "--ssl-certfile", str(credentials.server_certificate), "--ssl-keyfile", str(credentials.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--database", str(self.state_dir / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait(service, lambda: _listening(self.port), timeout, "listen on its port")
         (self.home("cli") / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{c.ca_certificate}"\n')
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{credentials.ca_certificate}"\n')
         return service
 
     def register(self, site: str) -> int:
@@ -450,7 +450,8 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
 
 def round_seconds(server: Path) -> list[float]:
     """Return the wall time of each round, from the times its checkpoints were written."""
-    stamps = sorted((int(p.stem.split("_")[1]), p.stat().st_mtime) for p in (server / CHECKPOINTS).glob("round_*.npz"))
+    stamps = sorted((int(path.stem.split("_")[1]), path.stat().st_mtime)
+                    for path in (server / CHECKPOINTS).glob("round_*.npz"))
     return [round(b[1] - a[1], 3) for a, b in zip(stamps, stamps[1:]) if b[0] == a[0] + 1]
 
 

@@ -17,6 +17,7 @@ machines.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -133,13 +134,36 @@ def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_di
                                      patient_dp=patient_dp)
 
 
+class _WithoutRunSimulationDeprecation(logging.Filter):
+    """Drops Flower's "`run_simulation` is deprecated" banner, printed at every call.
+
+    The compendium calls `run_simulation` on purpose: it is Flower's in-process entry to its
+    Ray engine, which tests and benchmarks compare with the direct engine and `flwr run`
+    (the recommended path) on the deployment engine. Every other Flower warning passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def run_simulation(**arguments) -> None:
+    """Call Flower's `run_simulation` (its Ray engine) with Flower's logs at WARNING and no deprecation banner."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.setLevel(logging.WARNING)
+    quiet = _WithoutRunSimulationDeprecation()
+    flower_logger.addFilter(quiet)
+    try:
+        flower_run_simulation(**arguments)
+    finally:
+        flower_logger.removeFilter(quiet)
+
+
 def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path) -> None:
     """Run the Flower apps in Flower's Ray simulation engine (one CPU per site)."""
-    import logging
-
     from flwr.app import Context as FlowerContext
     from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     from compendium.params import load_params
 
@@ -159,7 +183,6 @@ def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir
     for kind in ("train", "evaluate"):
         getattr(wrapped_client, kind)()(_with_run_config(default_client_app, config))
     wrapped_client.query("statistics")(_with_run_config(default_client_app, config))
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(server_app=wrapped_server, client_app=wrapped_client, num_supernodes=len(site_dirs),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"logging_level": "error", "log_to_driver": False}})

@@ -18,11 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
-from fl.flower import protocol as p
+from fl.flower import protocol
 
 #: Config keys whose values the ledger shows (settings, not data).
 SHOWN_CONFIG_KEYS = ("site", "features", "model", "hidden", "local-epochs", "batch-size", "learning-rate",
-                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu", *p.DP_KEYS)
+                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu", *protocol.DP_KEYS)
 
 
 def describe_message(message: Message) -> dict:
@@ -105,8 +105,8 @@ class LedgerGrid(ForwardingGrid):
         # Message ids are assigned when pushed; the round travels in the config ("server-round").
         round_of = {m.metadata.message_id: _round(m) for m in outgoing}
         for reply in replies:
-            if reply.has_content() and p.SITE in reply.content:
-                self.site_of_node[reply.metadata.src_node_id] = str(reply.content[p.SITE]["site"])
+            if reply.has_content() and protocol.SITE in reply.content:
+                self.site_of_node[reply.metadata.src_node_id] = str(reply.content[protocol.SITE]["site"])
         site = lambda node: self.site_of_node.get(node, "unanswered")  # noqa: E731
         lines = [{"run": self.run_label, "round": _round(m), "direction": "server->site",
                   "site": site(m.metadata.dst_node_id), **d} for m, d in zip(outgoing, descriptions)]
@@ -115,9 +115,9 @@ class LedgerGrid(ForwardingGrid):
             server_round = round_of.get(reply.metadata.reply_to_message_id, -1)
             lines.append({"run": self.run_label, "round": server_round, "direction": "site->server",
                           "site": site(reply.metadata.src_node_id), **describe_message(reply)})
-            if reply.has_content() and p.METRICS in reply.content:
+            if reply.has_content() and protocol.METRICS in reply.content:
                 self.replies.append((server_round, reply.metadata.message_type, site(reply.metadata.src_node_id),
-                                     dict(reply.content[p.METRICS])))
+                                     dict(reply.content[protocol.METRICS])))
         lines.sort(key=lambda line: (line["direction"] != "server->site", line["site"]))
         with open(self.path, "a") as handle:
             for line in lines:
@@ -127,6 +127,7 @@ class LedgerGrid(ForwardingGrid):
 
 def _round(message: Message) -> int:
     """Return the federated round a message belongs to (0: the statistics round)."""
-    if message.has_content() and p.CONFIG in message.content and "server-round" in message.content[p.CONFIG]:
-        return int(message.content[p.CONFIG]["server-round"])
+    content = message.content if message.has_content() else None
+    if content is not None and protocol.CONFIG in content and "server-round" in content[protocol.CONFIG]:
+        return int(content[protocol.CONFIG]["server-round"])
     return int(message.metadata.group_id or 0)

@@ -56,9 +56,9 @@ from flwr.serverapp import Grid
 from compendium.params import Profile
 from fl.data import PreprocessingSpec
 from fl.federated import initial_weights, local_update, round_seed
-from fl.flower import protocol as p
-from fl.flower.client_app import _matrix, _site
-from fl.flower.engine import SERVER_NODE_ID, DirectGrid, direct_contexts, use_server_identity
+from fl.flower import protocol
+from fl.flower.client_app import local_split
+from fl.flower.engine import SERVER_NODE_ID, DirectGrid, direct_contexts, run_simulation, use_server_identity
 from fl.flower.ledger import ForwardingGrid
 from fl.flower.server_app import FederationError, local_train_config
 
@@ -113,7 +113,7 @@ def federation_plan(profile: Profile, spec: PreprocessingSpec, site_rows: dict[s
                     rounds: int) -> FederationPlan:
     """Return the plan of `rounds` FedAvg rounds with the profile's local training and the federated `spec`."""
     kind, hidden = profile.baselines.model, tuple(profile.baselines.mlp_hidden)
-    settings = dict(p.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
+    settings = dict(protocol.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
     return FederationPlan(settings, initial_weights(kind, spec.n_outputs, hidden, profile.seed), rounds,
                           dict(site_rows), profile.federated.round_timeout_s)
 
@@ -142,9 +142,9 @@ class RunRecord:
     def bytes_per_round(self) -> dict[int, dict[str, int]]:
         """Return per round the bytes each way: {round: {"server->site": n, "site->server": n}}."""
         out: dict[int, dict[str, int]] = {}
-        for m in self.messages:
-            row = out.setdefault(m["round"], {"server->site": 0, "site->server": 0})
-            row[m["direction"]] += m["bytes"]
+        for message in self.messages:
+            row = out.setdefault(message["round"], {"server->site": 0, "site->server": 0})
+            row[message["direction"]] += message["bytes"]
         return out
 
 
@@ -225,10 +225,12 @@ class SiteClient(NumPyClient):
         self.context = context
 
     def fit(self, parameters, config):
-        data = _site(self.context, "train")
-        spec, train_config, kind, hidden, seed = p.read_settings(json.loads(str(config["settings"])), data.schema)
+        local = local_split(self.context, "train")
+        data = local.data
+        settings = json.loads(str(config["settings"]))
+        spec, train_config, kind, hidden, seed = protocol.read_settings(settings, data.schema)
         server_round = int(config["server-round"])
-        result = local_update(kind, hidden, parameters, _matrix(data, spec), data.labels, train_config,
+        result = local_update(kind, hidden, parameters, local.model_matrix(spec), data.labels, train_config,
                               round_seed(seed, data.site, server_round))
         # secaggplus_mod quantises these weights with stochastic rounding drawn from numpy's global generator:
         # seeded here, the unmasked aggregate is reproducible (the masks are not, and need not be).
@@ -298,8 +300,6 @@ def run(plan: FederationPlan, site_dirs: list[Path], secagg: SecAggSettings | No
         grid = DirectGrid(direct_contexts(site_dirs), client_app=client, serialise=True)
         server(grid, Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config={}))
     elif engine == "ray":
-        from flwr.simulation import run_simulation
-
         run_simulation(server_app=server, client_app=client, num_supernodes=len(site_dirs),
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"logging_level": "error", "log_to_driver": False}})

@@ -29,7 +29,7 @@ from compendium.artifacts import save_arrays
 from compendium.params import Profile, load_params
 from fl.data import FeatureSchema, FeatureStatistics, PreprocessingSpec
 from fl.federated import initial_weights
-from fl.flower import protocol as p
+from fl.flower import protocol
 from fl.flower.ledger import LedgerGrid
 from fl.train import TrainConfig
 
@@ -61,9 +61,10 @@ class FederationResult:
 
 def local_train_config(profile: Profile) -> TrainConfig:
     """Return the local training configuration every site runs each round."""
-    f = profile.federated
-    return TrainConfig(epochs=f.local_epochs, batch_size=f.batch_size, learning_rate=f.learning_rate,
-                       weight_decay=f.weight_decay, optimizer=f.optimizer, patience=None)
+    federated = profile.federated
+    return TrainConfig(epochs=federated.local_epochs, batch_size=federated.batch_size,
+                       learning_rate=federated.learning_rate, weight_decay=federated.weight_decay,
+                       optimizer=federated.optimizer, patience=None)
 
 
 class _Resumable:
@@ -183,19 +184,20 @@ def make_strategy(name: str, profile: Profile, n_sites: int, client_dp: ClientLe
     """Return the Flower strategy `name`, requiring every site in every round (optionally with client-level DP)."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites,
                   min_evaluate_nodes=n_sites, min_available_nodes=n_sites)
-    f = profile.federated
+    federated = profile.federated
     if client_dp is not None and name != "fedavg":
         raise FederationError(f"client-level DP wraps FedAvg only, not {name!r}")
     if name == "fedavg":
         # Under client-level DP every site weighs the same (the wrapper's sensitivity is C/n).
-        strategy = ResumableFedAvg(**common, weighted_by_key=p.CLIENT_WEIGHT if client_dp else p.NUM_EXAMPLES)
+        weight_key = protocol.CLIENT_WEIGHT if client_dp else protocol.NUM_EXAMPLES
+        strategy = ResumableFedAvg(**common, weighted_by_key=weight_key)
     elif name == "fedprox":
-        strategy = ResumableFedProx(**common, proximal_mu=f.proximal_mu)
+        strategy = ResumableFedProx(**common, proximal_mu=federated.proximal_mu)
     elif name == "fedadam":
-        strategy = ResumableFedAdam(**common, eta=f.server_learning_rate, eta_l=f.learning_rate)
+        strategy = ResumableFedAdam(**common, eta=federated.server_learning_rate, eta_l=federated.learning_rate)
     else:
         raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox or fedadam")
-    strategy.n_sites, strategy.site_timeout = n_sites, f.round_timeout_s
+    strategy.n_sites, strategy.site_timeout = n_sites, federated.round_timeout_s
     return SeededClientLevelDP(strategy, client_dp, n_sites, profile.seed) if client_dp else strategy
 
 
@@ -206,7 +208,7 @@ def saved_weights(saved) -> list[np.ndarray]:
 
 def latest_checkpoint(output_dir: Path) -> int:
     """Return the last completed round with a checkpoint (0 if none)."""
-    rounds = [int(p.stem.split("_")[1]) for p in (Path(output_dir) / CHECKPOINTS).glob("round_*.npz")]
+    rounds = [int(path.stem.split("_")[1]) for path in (Path(output_dir) / CHECKPOINTS).glob("round_*.npz")]
     return max(rounds, default=0)
 
 
@@ -242,8 +244,8 @@ def require_every_site(replies: list[Message], expected: int, stage: str, last_c
 
 def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> tuple[PreprocessingSpec, dict[str, int]]:
     """Return the preprocessing spec from every site's aggregates, and each site's training rows."""
-    messages = [Message(RecordDict({p.CONFIG: ConfigRecord({"request": "feature-statistics"})}),
-                        dst_node_id=node, message_type=p.QUERY_STATISTICS, group_id="0") for node in nodes]
+    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord({"request": "feature-statistics"})}),
+                        dst_node_id=node, message_type=protocol.QUERY_STATISTICS, group_id="0") for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     errors = [r for r in replies if r.has_error()]
     if errors or len(replies) < len(nodes):
@@ -252,16 +254,16 @@ def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> 
                               f"{reasons}")
     total, rows, agreed = None, {}, None
     for reply in replies:
-        site = str(reply.content[p.SITE]["site"])
-        schema = p.schema_of(reply.content[p.SITE])
+        site = str(reply.content[protocol.SITE]["site"])
+        schema = protocol.schema_of(reply.content[protocol.SITE])
         agreed = agreed or (site, schema)
         if schema != agreed[1]:
             missing = sorted(set(agreed[1][0]) - set(schema[0]))
             extra = sorted(set(schema[0]) - set(agreed[1][0]))
             raise FederationError(f"site {site!r} has different feature columns from {agreed[0]!r}: missing "
                                   f"{missing}, extra {extra} (or other transforms); every site needs the same list")
-        count, sums, squares = reply.content[p.STATISTICS].to_numpy_ndarrays()
-        site_rows = int(reply.content[p.METRICS]["rows"])
+        count, sums, squares = reply.content[protocol.STATISTICS].to_numpy_ndarrays()
+        site_rows = int(reply.content[protocol.METRICS]["rows"])
         if site_rows == 0:
             raise FederationError(f"site {site!r} has no training rows")
         stats = FeatureStatistics(count, sums, squares, site_rows)
@@ -314,18 +316,18 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         for stale in (ledger_path, history_path, *(output_dir / CHECKPOINTS).glob("round_*.npz")):
             stale.unlink(missing_ok=True)
     ledger = LedgerGrid(grid, ledger_path, run_label=strategy_name)
-    f = profile.federated
+    federated = profile.federated
     n_sites = len(profile.sites)
     started = time.perf_counter()
-    nodes = wait_for_sites(ledger, n_sites, f.round_timeout_s)
-    spec, rows = federated_statistics(ledger, nodes, f.round_timeout_s)
+    nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s)
+    spec, rows = federated_statistics(ledger, nodes, federated.round_timeout_s)
     statistics_seconds = time.perf_counter() - started
 
     hidden = tuple(profile.baselines.mlp_hidden)
     kind = profile.baselines.model
-    settings = dict(p.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
+    settings = dict(protocol.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
     if patient_dp is not None:  # fl.privacy.dp.DPConfig: DP-SGD at every site, accountant kept by each site
-        settings.update(p.dp_entries(patient_dp))
+        settings.update(protocol.dp_entries(patient_dp))
     strategy = make_strategy(strategy_name, profile, n_sites, client_dp)
     if done:
         saved = np.load(output_dir / CHECKPOINTS / f"round_{done:03d}.npz")
@@ -347,13 +349,14 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         return None
 
     started = time.perf_counter()
-    result = strategy.start(grid=ledger, initial_arrays=ArrayRecord(start), num_rounds=f.rounds - done,
-                            timeout=f.round_timeout_s, train_config=ConfigRecord(dict(settings)),
+    result = strategy.start(grid=ledger, initial_arrays=ArrayRecord(start), num_rounds=federated.rounds - done,
+                            timeout=federated.round_timeout_s, train_config=ConfigRecord(dict(settings)),
                             evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=checkpoint)
     training_seconds = time.perf_counter() - started
     completed = latest_checkpoint(output_dir)
-    if result.arrays is None or completed < f.rounds or len(result.train_metrics_clientapp) < f.rounds - done:
-        raise FederationError(f"{strategy_name}: {completed} of {f.rounds} rounds completed; see the ledger for "
+    rounds = federated.rounds
+    if result.arrays is None or completed < rounds or len(result.train_metrics_clientapp) < rounds - done:
+        raise FederationError(f"{strategy_name}: {completed} of {rounds} rounds completed; see the ledger for "
                               "the missing replies, then run again with resume to continue from the checkpoint")
     weights = result.arrays.to_numpy_ndarrays()
     save_arrays(output_dir / FINAL_MODEL_FILE, spec_mean=spec.mean, spec_std=spec.std,
@@ -373,4 +376,4 @@ def main(grid: Grid, context: Context) -> None:
         client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
                                   float(config["client-dp-clipping-norm"]))
     run_federation(grid, profile, str(config["strategy"]), Path(str(config["output-dir"])),
-                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=p.read_dp(config))
+                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=protocol.read_dp(config))

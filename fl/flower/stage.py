@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from compendium.params import Profile, load_params, profile_path
-from fl import evaluate as ev
-from fl.baselines import auroc_cell, shared_schema, site_splits
+from fl.baselines import shared_schema, site_splits
+from fl.baselines.stage import auroc_cell
 from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, SiteSplit, site_dir
+from fl.evaluate import DELONG_COLUMNS, delong_test, evaluate
 from fl.federated import predict
 from fl.flower import engine
 from fl.flower.server_app import LEDGER_FILE, FederationResult
@@ -72,8 +73,8 @@ def run(profile: Profile, build_dir: Path, output_dir: Path, params_file: Path |
         result, seconds = engine.timed(run_strategy, profile, params_file, strategy, build_dir, output_dir)
         predictions = {site: predict(profile.baselines.model, tuple(profile.baselines.mlp_hidden), result.weights,
                                      result.spec.transform(data.features)) for site, data in test.items()}
-        metrics = {site: ev.evaluate(test[site].labels, p, profile.baselines.bootstrap_resamples, rng)
-                   for site, p in predictions.items()}
+        metrics = {site: evaluate(test[site].labels, scores, profile.baselines.bootstrap_resamples, rng)
+                   for site, scores in predictions.items()}
         runs[strategy] = StrategyRun(result, Path(output_dir) / strategy, predictions, metrics, seconds)
     return runs
 
@@ -109,9 +110,9 @@ def paired_tests(runs: dict[str, StrategyRun], build_dir: Path, test: dict[str, 
                 if scores.empty:
                     continue  # no local model at a site whose training data have one outcome class
                 scores = scores.sort_values("row")["score"].to_numpy()
-                result = ev.delong_test(data.labels, run.predictions[site], scores)
+                result = delong_test(data.labels, run.predictions[site], scores)
                 rows.append({"strategy": strategy, "test_site": site, "versus": reference, **result})
-    return pd.DataFrame(rows, columns=["strategy", "test_site", "versus", *ev.DELONG_COLUMNS]) if not rows else pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["strategy", "test_site", "versus", *DELONG_COLUMNS]) if not rows else pd.DataFrame(rows)
 
 
 def ledger_frame(folder: Path) -> pd.DataFrame:

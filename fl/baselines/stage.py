@@ -1,10 +1,9 @@
 """Stage 2: each hospital alone, pooled (the counterfactual the law does not allow), references.
 
 Every model is evaluated on every site's test split, so a reader sees both
-how good a hospital's own model is at home and how it transfers. The
-preprocessing statistics are explicit: a local model standardises with its
-own site's statistics, the pooled model with the sum of all sites'
-statistics (exactly what the federated stage computes without pooling).
+how good a hospital's own model is at home and how it transfers. The models
+and how they are fitted live in `fl.baselines`; this module runs them for a
+profile and builds the stage's tables, checks and summary.
 """
 from __future__ import annotations
 
@@ -13,66 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import HistGradientBoostingClassifier
-from torch import nn
 
 from compendium.artifacts import save_arrays
 from compendium.params import BaselineParams, Profile
-from fl import evaluate as ev
-from fl.data import (FeatureSchema, FeatureStatistics, PreprocessingSpec, SiteSplit, load_oracle_risk, load_site,
-                     site_dir)
-from fl.models import build_model
-from fl.train import TrainConfig, fit, predict_proba, validation_mask
+from fl.baselines import FittedModel, fit_gbt, fit_torch, shared_schema, single_class_reason, site_splits
+from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_oracle_risk, site_dir
+from fl.evaluate import (DELONG_COLUMNS, Estimate, auroc, delong_test, evaluate, not_estimable_reason,
+                         subgroup_auroc)
+from fl.models import get_weights
 
 DECISION_THRESHOLDS = np.round(np.arange(0.05, 0.51, 0.01), 2)
 #: Models whose score is not a probability (discrimination only).
 SCORE_ONLY = ("lace",)
-
-
-def train_config(params: BaselineParams) -> TrainConfig:
-    """Return the training configuration of a profile's baselines."""
-    return TrainConfig(epochs=params.epochs, batch_size=params.batch_size, learning_rate=params.learning_rate,
-                       weight_decay=params.weight_decay, patience=params.patience)
-
-
-@dataclass
-class FittedModel:
-    """A torch model with the preprocessing it was trained with."""
-
-    name: str
-    model: nn.Module
-    spec: PreprocessingSpec
-    train_rows: int
-
-    def predict(self, data: SiteSplit) -> np.ndarray:
-        return predict_proba(self.model, self.spec.transform(data.features))
-
-
-def fit_torch(name: str, train: list[SiteSplit], params: BaselineParams, seed: int,
-              spec: PreprocessingSpec | None = None) -> FittedModel:
-    """Return the profile's model trained on the concatenated training splits (early stopping on 20%)."""
-    features = pd.concat([s.features for s in train], ignore_index=True)
-    labels = np.concatenate([s.labels for s in train])
-    if spec is None:
-        # A site's own model standardises with its own statistics; a feature the site does not record is a
-        # constant input for it.
-        schema = train[0].schema
-        spec = PreprocessingSpec.from_statistics(FeatureStatistics.of(features, schema), schema, unobserved="constant")
-    x = spec.transform(features)
-    held_out = validation_mask(labels, params.validation_fraction, seed)
-    model = build_model(params.model, x.shape[1], seed=seed, hidden=tuple(params.mlp_hidden))
-    fit(model, x[~held_out], labels[~held_out], train_config(params), seed=seed,
-        validation=(x[held_out], labels[held_out]))
-    return FittedModel(name, model, spec, int(len(labels)))
-
-
-def fit_gbt(train: list[SiteSplit], params: BaselineParams, seed: int) -> HistGradientBoostingClassifier:
-    """Return a gradient-boosted trees reference trained on the pooled training splits."""
-    features = pd.concat([s.features for s in train], ignore_index=True)
-    labels = np.concatenate([s.labels for s in train])
-    model = HistGradientBoostingClassifier(max_iter=params.gbt_max_iter, learning_rate=params.gbt_learning_rate,
-                                           early_stopping=False, random_state=seed)
-    return model.fit(features, labels)
 
 
 @dataclass
@@ -81,7 +32,7 @@ class BaselineResults:
 
     sites: tuple[str, ...]
     test: dict[str, SiteSplit]
-    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # model -> site -> p
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # model -> site -> scores
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # model -> site -> metrics
     fitted: dict[str, FittedModel] = field(default_factory=dict)
     sweep: pd.DataFrame | None = None
@@ -91,32 +42,6 @@ class BaselineResults:
     @property
     def models(self) -> list[str]:
         return list(self.predictions)
-
-
-def site_splits(build_dir: Path, sites: tuple[str, ...], split: str) -> dict[str, SiteSplit]:
-    """Return each site's split, loaded through the single data door (every site must share one schema)."""
-    splits = {site: load_site(site_dir(build_dir, site), split, site) for site in sites}
-    shared_schema(splits)
-    return splits
-
-
-def shared_schema(splits: dict[str, SiteSplit]) -> FeatureSchema:
-    """Return the feature schema every site shares; raise naming the sites whose schema differs."""
-    first, *rest = splits
-    schema = splits[first].schema
-    differ = [s for s in rest if splits[s].schema != schema]
-    if differ:
-        raise ValueError(f"site(s) {differ} have other feature columns than {first!r}; rebuild stage 1 so that "
-                         "every site's cohort has the dataset's feature list")
-    return schema
-
-
-def single_class_reason(data: SiteSplit) -> str | None:
-    """Return why a model cannot be fitted on these training data (one outcome class), or None."""
-    if np.unique(data.labels).size < 2:
-        outcome = "readmitted" if data.labels.size and data.labels[0] else "not readmitted"
-        return f"not estimable: every training patient at {data.site} has the same outcome ({outcome})"
-    return None
 
 
 def run(profile: Profile, build_dir: Path) -> BaselineResults:
@@ -138,21 +63,22 @@ def run(profile: Profile, build_dir: Path) -> BaselineResults:
             results.not_fitted[f"local_{site}"] = reason
             continue
         results.fitted[f"local_{site}"] = fit_torch(f"local_{site}", [train[site]], params, seed)
-    pooled_stats = FeatureStatistics.of_sites([train[s].features for s in sites], schema)
-    results.fitted["pooled"] = fit_torch("pooled", [train[s] for s in sites], params, seed,
+    pooled_stats = FeatureStatistics.of_sites([train[site].features for site in sites], schema)
+    results.fitted["pooled"] = fit_torch("pooled", [train[site] for site in sites], params, seed,
                                          spec=PreprocessingSpec.from_statistics(pooled_stats, schema))
-    gbt = fit_gbt([train[s] for s in sites], params, seed)
+    gbt = fit_gbt([train[site] for site in sites], params, seed)
     for name, fitted in results.fitted.items():
-        results.predictions[name] = {s: fitted.predict(test[s]) for s in sites}
-    results.predictions["gbt"] = {s: gbt.predict_proba(test[s].features)[:, 1] for s in sites}
+        results.predictions[name] = {site: fitted.predict(test[site]) for site in sites}
+    results.predictions["gbt"] = {site: gbt.predict_proba(test[site].features)[:, 1] for site in sites}
     if profile.dataset is None:  # references that exist only for the synthetic generator's data
-        results.predictions["lace"] = {s: test[s].lace for s in sites}
-        results.predictions["oracle"] = {s: load_oracle_risk(site_dir(build_dir, s), "test") for s in sites}
+        results.predictions["lace"] = {site: test[site].lace for site in sites}
+        results.predictions["oracle"] = {site: load_oracle_risk(site_dir(build_dir, site), "test") for site in sites}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     for name, by_site in results.predictions.items():
         results.metrics[name] = {
-            s: ev.evaluate(test[s].labels, p, params.bootstrap_resamples, rng, is_probability=name not in SCORE_ONLY)
-            for s, p in by_site.items()
+            site: evaluate(test[site].labels, scores, params.bootstrap_resamples, rng,
+                           is_probability=name not in SCORE_ONLY)
+            for site, scores in by_site.items()
         }
     results.sweep = size_sweep(train, test, params, seed)
     return results
@@ -160,9 +86,9 @@ def run(profile: Profile, build_dir: Path) -> BaselineResults:
 
 def smallest_site(train: dict[str, SiteSplit], test: dict[str, SiteSplit] | None = None) -> str:
     """Return the site with the fewest training rows (among those with both outcomes in training and test)."""
-    usable = [s for s in train if single_class_reason(train[s]) is None
-              and (test is None or ev.not_estimable_reason(test[s].labels) is None)]
-    return min(usable or list(train), key=lambda s: len(train[s]))
+    usable = [site for site in train if single_class_reason(train[site]) is None
+              and (test is None or not_estimable_reason(test[site].labels) is None)]
+    return min(usable or list(train), key=lambda site: len(train[site]))
 
 
 def _subsample(data: SiteSplit, fraction: float, rng: np.random.Generator) -> SiteSplit:
@@ -173,7 +99,7 @@ def size_sweep(train: dict[str, SiteSplit], test: dict[str, SiteSplit], params: 
                seed: int) -> pd.DataFrame:
     """Return AUROC on the smallest site's test split as its own training data grow, alone and pooled."""
     small = smallest_site(train, test)
-    others = [train[s] for s in train if s != small]
+    others = [train[site] for site in train if site != small]
     rows = []
     for fraction in params.sweep_fractions:
         for repeat in range(params.sweep_repeats):
@@ -185,8 +111,8 @@ def size_sweep(train: dict[str, SiteSplit], test: dict[str, SiteSplit], params: 
             local = fit_torch("local", [subset], params, seed + repeat) if single_class_reason(subset) is None else None
             rows.append({
                 "site": small, "fraction": fraction, "repeat": repeat, "train_rows": len(subset),
-                "local_auroc": ev.auroc(y, local.predict(test[small])) if local is not None else np.nan,
-                "pooled_auroc": ev.auroc(y, pooled.predict(test[small])),
+                "local_auroc": auroc(y, local.predict(test[small])) if local is not None else np.nan,
+                "pooled_auroc": auroc(y, pooled.predict(test[small])),
             })
     return pd.DataFrame(rows)
 
@@ -198,7 +124,7 @@ def auroc_cell(metrics: dict | None) -> str:
         return "not estimable"
     if "auroc" not in metrics:
         return metrics.get("not_estimable", "not estimable")
-    return str(ev.Estimate(**metrics["auroc"]))
+    return str(Estimate(**metrics["auroc"]))
 
 
 def auroc_table(results: BaselineResults) -> pd.DataFrame:
@@ -216,14 +142,15 @@ def metrics_table(results: BaselineResults) -> pd.DataFrame:
     """Return the long table of every metric of every model on every test site."""
     rows = []
     for model, by_site in results.metrics.items():
-        for site, m in by_site.items():
-            if "auroc" not in m:
+        for site, metrics in by_site.items():
+            if "auroc" not in metrics:
                 continue
             rows.append({
-                "model": model, "test_site": site, "patients": m["patients"],
-                "auroc": m["auroc"]["value"], "auroc_lower": m["auroc"]["lower"], "auroc_upper": m["auroc"]["upper"],
-                "auprc": m["auprc"]["value"], "brier": m.get("brier"), "calibration_slope": m.get("calibration_slope"),
-                "calibration_intercept": m.get("calibration_intercept"), "ece": m.get("ece"),
+                "model": model, "test_site": site, "patients": metrics["patients"],
+                "auroc": metrics["auroc"]["value"], "auroc_lower": metrics["auroc"]["lower"],
+                "auroc_upper": metrics["auroc"]["upper"], "auprc": metrics["auprc"]["value"],
+                "brier": metrics.get("brier"), "calibration_slope": metrics.get("calibration_slope"),
+                "calibration_intercept": metrics.get("calibration_intercept"), "ece": metrics.get("ece"),
             })
     return pd.DataFrame(rows)
 
@@ -240,9 +167,9 @@ def paired_comparisons(results: BaselineResults) -> pd.DataFrame:
         candidates += [(f"local_{other}", results.predictions[f"local_{other}"][site])
                        for other in results.sites if other != site and f"local_{other}" in results.predictions]
         for name, scores in candidates:
-            test = ev.delong_test(y, scores, own)
+            test = delong_test(y, scores, own)
             rows.append({"test_site": site, "model": name, "versus": f"local_{site}", **test})
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["test_site", "model", "versus", *ev.DELONG_COLUMNS])
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["test_site", "model", "versus", *DELONG_COLUMNS])
 
 
 def sanity_checks(results: BaselineResults) -> dict[str, dict[str, bool]]:
@@ -253,7 +180,7 @@ def sanity_checks(results: BaselineResults) -> dict[str, dict[str, bool]]:
     - pooled_not_worse: the pooled AUROC is at least the lower CI bound of the site's own model
       (None where either is not estimable).
     """
-    fitted = [m for m in results.models if m not in ("oracle", "lace")]
+    fitted = [model for model in results.models if model not in ("oracle", "lace")]
     checks = {}
     for site in results.sites:
         local = results.metrics.get(f"local_{site}", {}).get(site, {}).get("auroc")
@@ -261,8 +188,8 @@ def sanity_checks(results: BaselineResults) -> dict[str, dict[str, bool]]:
         checks[site] = {"pooled_not_worse": pooled["value"] >= local["lower"] if local and pooled else None}
         if "oracle" in results.metrics and "auroc" in results.metrics["oracle"][site]:
             oracle = results.metrics["oracle"][site]["auroc"]["value"]
-            checks[site]["oracle_not_beaten"] = all(oracle >= results.metrics[m][site]["auroc"]["lower"]
-                                                    for m in fitted if "auroc" in results.metrics[m][site])
+            checks[site]["oracle_not_beaten"] = all(oracle >= results.metrics[model][site]["auroc"]["lower"]
+                                                    for model in fitted if "auroc" in results.metrics[model][site])
     return checks
 
 
@@ -272,7 +199,7 @@ def summary(profile: Profile, results: BaselineResults) -> dict:
         wanted = ("auroc", "auprc") if key in ("auroc", "auprc") else ("brier",)
         return {model: {site: results.metrics[model][site].get(key) for site in results.sites}
                 for model in results.models
-                if any(w in results.metrics[model][s] for s in results.sites for w in wanted)
+                if any(w in results.metrics[model][site] for site in results.sites for w in wanted)
                 and (key in ("auroc", "auprc") or model not in SCORE_ONLY)}
 
     sweep = results.sweep
@@ -287,15 +214,16 @@ def summary(profile: Profile, results: BaselineResults) -> dict:
         "brier": pick("brier"),
         "calibration_slope": pick("calibration_slope"),
         "calibration_intercept": pick("calibration_intercept"),
-        "train_rows": {name: f.train_rows for name, f in results.fitted.items()},
+        "train_rows": {name: fitted.train_rows for name, fitted in results.fitted.items()},
         "size_sweep": {"site": str(sweep["site"].iloc[0]),
                        "points": by_fraction.reset_index().to_dict(orient="records")},
         "checks": sanity_checks(results),
         "not_estimable": {
             **{model: {site: reason for site in results.sites} for model, reason in results.not_fitted.items()},
-            **{model: {site: m["not_estimable"] for site, m in by_site.items() if "not_estimable" in m}
+            **{model: {site: metrics["not_estimable"] for site, metrics in by_site.items()
+                       if "not_estimable" in metrics}
                for model, by_site in results.metrics.items()
-               if any("not_estimable" in m for m in by_site.values())},
+               if any("not_estimable" in metrics for metrics in by_site.values())},
         },
         "references": {"oracle": "oracle" in results.predictions, "lace": "lace" in results.predictions},
     }
@@ -305,20 +233,20 @@ def predictions_frame(results: BaselineResults) -> pd.DataFrame:
     """Return every model's test predictions (row position within the site's test split, no identifiers)."""
     frames = []
     for model, by_site in results.predictions.items():
-        for site, p in by_site.items():
-            frames.append(pd.DataFrame({"model": model, "test_site": site, "row": np.arange(len(p)),
-                                        "readmitted_30d": results.test[site].labels, "score": p}))
+        for site, scores in by_site.items():
+            frames.append(pd.DataFrame({"model": model, "test_site": site, "row": np.arange(len(scores)),
+                                        "readmitted_30d": results.test[site].labels, "score": scores}))
     return pd.concat(frames, ignore_index=True)
 
 
 def subgroup_table(results: BaselineResults, models: tuple[str, ...] = ("pooled",)) -> pd.DataFrame:
     """Return AUROC by sex and age band on each site's test split for the given models."""
     frames = []
-    for model in (*models, *(f"local_{s}" for s in results.sites if f"local_{s}" in results.predictions)):
+    for model in (*models, *(f"local_{site}" for site in results.sites if f"local_{site}" in results.predictions)):
         for site in results.sites:
             data, scores = results.test[site], results.predictions[model][site]
             for kind, groups in (("sex", data.sex), ("age band", data.age_band)):
-                table = ev.subgroup_auroc(data.labels, scores, groups)
+                table = subgroup_auroc(data.labels, scores, groups)
                 table.insert(0, "subgroup", kind)
                 table.insert(0, "test_site", site)
                 table.insert(0, "model", model)
@@ -328,8 +256,6 @@ def subgroup_table(results: BaselineResults, models: tuple[str, ...] = ("pooled"
 
 def save_models(results: BaselineResults, folder: Path) -> None:
     """Write each torch model's weights and preprocessing statistics to folder/<name>.npz."""
-    from fl.models import get_weights
-
     folder.mkdir(parents=True, exist_ok=True)
     for name, fitted in results.fitted.items():
         arrays = {f"weight_{i}": w for i, w in enumerate(get_weights(fitted.model))}
