@@ -111,7 +111,7 @@ lock: ## re-resolve requirements.in into requirements.lock and environment.yml
 	$(PYTHON_BOOT) -m compendium.lockfile env
 	rm -rf build/lock-venv
 
-clean: ## remove build/PROFILE and build/PROFILE-<dataset> of DATA (keeps .venv)
+clean: ## remove build/PROFILE (with DATA: build/PROFILE-<dataset>) and its make rules (keeps .venv)
 	rm -rf $(BUILD_ROOT)/$(PROFILE)$(if $(DATA),-$(basename $(notdir $(DATA)))) $(RULES)
 
 help: ## list the targets

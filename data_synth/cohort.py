@@ -17,6 +17,12 @@ the synthetic one. The rules, in the style of the CMS readmission measure:
   (labs and drugs of the stay, diagnoses of a look-back window, visits
   before admission). Nothing after discharge leaks in.
 
+Codes are matched as the code lists in `vocabulary` write them: each table is
+normalised as it is read (`omop.conform`), so ICD-10 codes may come with or
+without the dot ("I509" is I50.9), in any case and with stray spaces, and ATC
+codes in any case. A code matches a listed code or prefix when it starts with
+it, so an ICD-10-SE subdivision (I50.9A, I11.0X) counts as its parent.
+
 Tables sorted by person_id (as the generator writes them) are streamed in
 person batches so memory stays flat; unsorted tables are read whole.
 """
@@ -258,7 +264,7 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
     conditions = chunk["condition_occurrence"]
     c_code = conditions.column("condition_source_value")
     c_main = conditions.column("condition_status_concept_id").fill_null(0).to_numpy() == vocab.CONDITION_PRIMARY
-    c_hf = _codes_matching(c_code, vocab.HF_INDEX_PREFIXES, vocab.HF_INDEX_EXACT)
+    c_hf = _codes_matching(c_code, vocab.HF_INDEX_PREFIXES)
     hf_visit_ids = np.unique(conditions.column("visit_occurrence_id").fill_null(-1).to_numpy()[c_main & c_hf])
 
     start_day, end_day = _day(spec.study_start), _day(spec.study_end)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from scipy.stats import binomtest
 
 from compendium.disclosure import MIN_CELL, SUPPRESSED, count_cell, count_percent_cell, is_small
+from data_synth import vocabulary as vocab
 from data_synth.cohort import Attrition
 from data_synth.features import FEATURES, LABEL, SCORE_COLUMNS, Feature
 
@@ -214,7 +215,8 @@ def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:
         table = pq.read_table(Path(omop_dir) / "condition_occurrence.parquet",
                               columns=["condition_source_value", "condition_status_concept_id"])
         main = table.filter(pc.equal(table.column("condition_status_concept_id"), 32902))
-        counts = pc.value_counts(main.column("condition_source_value").combine_chunks()).to_pylist()
+        codes = vocab.normalise_icd10(main.column("condition_source_value").combine_chunks())  # I509 and I50.9 are one code
+        counts = pc.value_counts(codes).to_pylist()
         frame = pd.DataFrame([(count["values"], count["counts"]) for count in counts], columns=["code", "records"])
         frame = frame.loc[~is_small(frame["records"].to_numpy())]
         frame["share"] = frame["records"] / frame["records"].sum()

@@ -2,12 +2,15 @@
 
 Only the columns the cohort builder needs are required; an extract may carry
 more (they are ignored). Source-value columns may be plain strings or
-dictionary-encoded strings. Validation is vectorised (pyarrow compute) and
-stops at the first broken rule with an `OmopValidationError` that names the
-table, the column and example rows.
+dictionary-encoded strings. Diagnosis and drug codes are normalised when a
+table is conformed (`CODE_NORMALISERS`: "i509 " is read as "I50.9"), so they
+are validated and matched in the form the code lists use. Validation is
+vectorised (pyarrow compute) and stops at the first broken rule with an
+`OmopValidationError` that names the table, the column and example rows.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +96,12 @@ TABLES: dict[str, tuple[Column, ...]] = {
 
 TABLE_NAMES = tuple(TABLES)
 
-#: Source-value columns and the pattern every value must match.
+#: Source-value columns read in the code lists' canonical form (see `vocabulary.normalise_icd10`).
+CODE_NORMALISERS: dict[tuple[str, str], Callable] = {
+    ("condition_occurrence", "condition_source_value"): vocab.normalise_icd10,
+    ("drug_exposure", "drug_source_value"): vocab.normalise_atc,
+}
+#: Source-value columns and the pattern every value must match (once normalised).
 CODE_PATTERNS: dict[tuple[str, str], str] = {
     ("condition_occurrence", "condition_source_value"): r"^[A-Z][0-9]{2}(\.[0-9A-Z]{1,2})?$",
     ("measurement", "measurement_source_value"): r"^[0-9]{1,6}-[0-9]$",
@@ -178,7 +186,7 @@ def check_columns(table_name: str, schema: pa.Schema, source: str = "") -> None:
 
 
 def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
-    """Return `table` with only the required columns, cast to the canonical types."""
+    """Return `table` with only the required columns, cast to the canonical types, codes normalised."""
     check_columns(table_name, table.schema, source)
     arrays = []
     for col in TABLES[table_name]:
@@ -187,6 +195,9 @@ def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
             if not pa.types.is_dictionary(array.type):
                 array = pc.dictionary_encode(array)
             array = array.cast(pa.dictionary(pa.int32(), pa.string()))
+            normalise = CODE_NORMALISERS.get((table_name, col.name))
+            if normalise is not None:
+                array = normalise(array)  # rewrites the distinct codes only
         elif array.type != col.type:
             try:
                 array = array.cast(col.type)
@@ -200,7 +211,7 @@ def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
 
 
 def validate_table(table_name: str, table: pa.Table, row_offset: int = 0) -> None:
-    """Raise OmopValidationError if a conformed table breaks a row-level rule."""
+    """Raise OmopValidationError if a conformed table (codes normalised) breaks a row-level rule."""
     for col in TABLES[table_name]:
         if not col.nullable and table.column(col.name).null_count:
             _fail(table_name, col.name, "missing value where one is required", table,
@@ -224,7 +235,8 @@ def validate_table(table_name: str, table: pa.Table, row_offset: int = 0) -> Non
         else:
             bad = ~pc.match_substring_regex(codes, pattern).to_numpy(zero_copy_only=False)
         if bad.any():
-            _fail(table_name, column, f"code does not match {pattern}", table, bad, row_offset)
+            read_as = " as read (no spaces, upper case, ICD-10 with its dot)" if (t, column) in CODE_NORMALISERS else ""
+            _fail(table_name, column, f"code does not match {pattern}{read_as}", table, bad, row_offset)
     if table_name == "measurement":
         _check_units(table, row_offset)
     for ordered_table, start, end in DATE_ORDER:

@@ -6,8 +6,18 @@ sex, discharge destinations and record provenance. Source codes are written
 in `*_source_value` columns with `*_concept_id` = 0 ("no matching concept"),
 as in an OMOP extract loaded without the standard vocabulary mapping; the
 cohort builder therefore reads source values.
+
+The code lists are written in one canonical form: ICD-10 upper case with
+the dot after the third character ("I50.9"), ATC upper case ("C03CA01").
+Source systems differ (Swedish ones store ICD-10 without the dot, "I509"),
+so codes read from an extract are first put in that form by
+`normalise_icd10` and `normalise_atc`; the generator writes canonical codes,
+which they leave unchanged.
 """
 from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # --- OMOP concept ids (standard OMOP vocabulary) -------------------------
 GENDER_MALE = 8507
@@ -36,8 +46,9 @@ CONDITION_SECONDARY = 32908  # Secondary diagnosis
 # Index heart-failure diagnoses (main diagnosis of the stay): I50.*, I11.0,
 # I13.0, I13.2. The wider Swedish sets (I25.5, I42, ...) are not used.
 HF_INDEX_CODES = ("I50.0", "I50.1", "I50.9", "I11.0", "I13.0", "I13.2")
-HF_INDEX_PREFIXES = ("I50",)
-HF_INDEX_EXACT = ("I11.0", "I13.0", "I13.2")
+#: A (normalised) code matches when it starts with one of these, so the
+#: ICD-10-SE subdivisions of a listed code (I50.9A, I11.0X) count as it.
+HF_INDEX_PREFIXES = ("I50", "I11.0", "I13.0", "I13.2")
 
 #: Code written for each comorbidity, and the prefixes the cohort builder
 #: recognises for it (ICD-10 chapter ranges, Charlson-style groups).
@@ -110,3 +121,58 @@ DRUG_ATC: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sglt2_inhibitor": (("A10BK",), ("A10BK01", "A10BK03")),
 }
 #: ACE/ARB prefixes include C09D; ARNI (C09DX04) is taken out before matching.
+
+
+# --- Normalising codes read from an extract -------------------------------
+#: Any whitespace, inside a code or around it (RE2: ASCII \s and Unicode separators).
+_WHITESPACE = r"[\s\p{Z}]+"
+#: An ICD-10 category (letter, two digits) followed directly by a subdivision: the dot is missing.
+_ICD10_WITHOUT_DOT = r"^([A-Z][0-9]{2})([0-9A-Z])"
+
+CodeArray = pa.Array | pa.ChunkedArray
+
+
+def normalise_icd10(codes: str | None | CodeArray) -> str | None | CodeArray:
+    """Return ICD-10 codes in the code lists' form: no spaces, upper case, dot after the third character.
+
+    "I509" -> "I50.9", " i50.9 " -> "I50.9", "I50" -> "I50", "I509A" -> "I50.9A"
+    (an ICD-10-SE subdivision keeps matching its parent). A value that is no
+    ICD-10 code ("150.9", "I5") gets no dot, only the spaces and case
+    rewritten, so that validation can name it. Takes one code or a pyarrow
+    array of codes (plain or dictionary-encoded strings, chunked or not) and
+    returns the same kind.
+    """
+    return _normalised(codes, _icd10_text)
+
+
+def normalise_atc(codes: str | None | CodeArray) -> str | None | CodeArray:
+    """Return ATC codes in the code lists' form: no spaces, upper case (" c03ca01" -> "C03CA01").
+
+    Takes one code or a pyarrow array of codes, as `normalise_icd10` does.
+    """
+    return _normalised(codes, _compact_upper)
+
+
+def _compact_upper(text: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(pc.utf8_upper(text), _WHITESPACE, "")
+
+
+def _icd10_text(text: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(_compact_upper(text), _ICD10_WITHOUT_DOT, r"\1.\2")
+
+
+def _normalised(codes, rewrite):
+    if codes is None or isinstance(codes, str):
+        return rewrite(pa.array([codes], pa.string()))[0].as_py()
+    if isinstance(codes, pa.ChunkedArray):
+        return pa.chunked_array([_normalised(chunk, rewrite) for chunk in codes.chunks], type=codes.type)
+    if not pa.types.is_dictionary(codes.type):
+        return rewrite(codes)
+    # Rewrite the distinct values only, then point each row at its rewritten value.
+    dictionary = rewrite(codes.dictionary)
+    if dictionary.equals(codes.dictionary):
+        return codes  # already canonical, as the generator writes them
+    # Two spellings of one code ("I509", "I50.9") become one dictionary entry.
+    merged = pc.dictionary_encode(dictionary)
+    indices = pc.take(merged.indices, codes.indices).cast(codes.type.index_type)
+    return pa.DictionaryArray.from_arrays(indices, merged.dictionary)

@@ -121,10 +121,10 @@ def test_missing_omop_folder(tmp_path):
 # ---------------------------------------------------------------- row rules
 def test_malformed_icd_code(tmp_path):
     broken, *others = patients()
-    broken.diagnosis("I509", DISCHARGE, index_visit_id(broken))  # the dot is missing
+    broken.diagnosis("150.9", DISCHARGE, index_visit_id(broken))  # digit one for the letter I (I509 is fine: no dot is normalised)
     omop_dir = write_patients(tmp_path, broken, *others)
     rejected(omop_dir, OmopValidationError, "condition_occurrence.condition_source_value",
-             "1 row(s)", "condition_source_value='I509'", "condition_occurrence_id=3")
+             "1 row(s)", "condition_source_value='150.9'", "condition_occurrence_id=3")
 
 
 def test_measurement_unit_that_does_not_match_its_loinc_code(tmp_path):
@@ -207,7 +207,7 @@ def test_duplicate_primary_key(tmp_path, table, key):
 # ---------------------------------------------------------------- command line
 def test_cli_exits_non_zero_with_the_error_on_stderr(tmp_path):
     broken, *others = patients()
-    broken.diagnosis("i50.9", DISCHARGE, index_visit_id(broken))  # lower case
+    broken.diagnosis("i50,9", DISCHARGE, index_visit_id(broken))  # a decimal comma (case and a missing dot are normalised)
     write_patients(tmp_path, broken, *others)
     result = subprocess.run(
         [sys.executable, "-m", "data_synth", "cohort", str(tmp_path), "--quiet"],
@@ -216,6 +216,6 @@ def test_cli_exits_non_zero_with_the_error_on_stderr(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: condition_occurrence.condition_source_value")
-    assert "'i50.9'" in result.stderr
+    assert "'I50,9'" in result.stderr
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["omop"]
