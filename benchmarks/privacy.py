@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             sites[site] = load_site(folder, "all")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    f = profile.federated
+    federated = profile.federated
     config = local_train_config(profile)
     start = initial_weights("logistic", MODEL_INPUTS, (), profile.seed)
     masks = membership_masks({s: len(d) for s, d in sites.items()}, args.models, np.random.default_rng(0))
@@ -68,16 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {s: (d.features.loc[members[s]], d.labels[members[s]]) for s, d in sites.items()}
         spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([x for x, _ in chosen.values()]))
         fedavg_plain("logistic", (), start, {s: (spec.transform(x), y) for s, (x, y) in chosen.items()},
-                     f.rounds, config, profile.seed)
+                     federated.rounds, config, profile.seed)
 
     # Warm-up: first calls pay one-off torch and allocator costs that belong to neither side.
-    train_federated(tensors, {s: m[:2] for s, m in masks.items()}, f.rounds, f.local_epochs, f.learning_rate,
-                    f.weight_decay, (start[0], start[1]))
+    train_federated(tensors, {s: m[:2] for s, m in masks.items()}, federated.rounds, federated.local_epochs,
+                    federated.learning_rate, federated.weight_decay, (start[0], start[1]))
     loop_model(0)
 
     print(f"batched: {args.models} federated pipelines ...", flush=True)
     started = time.perf_counter()
-    train_federated(tensors, masks, f.rounds, f.local_epochs, f.learning_rate, f.weight_decay, (start[0], start[1]))
+    train_federated(tensors, masks, federated.rounds, federated.local_epochs, federated.learning_rate,
+                    federated.weight_decay, (start[0], start[1]))
     batched = time.perf_counter() - started
 
     print(f"loop: {args.loop_models} pipelines, one at a time ...", flush=True)
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_rate = args.loop_models / loop
     speedup = batched_rate / loop_rate
     write_json(args.out, {
-        "benchmark": "privacy", "profile": args.profile, "rounds": f.rounds, "local_epochs": f.local_epochs,
+        "benchmark": "privacy", "profile": args.profile, "rounds": federated.rounds,
+        "local_epochs": federated.local_epochs,
         "patients": {s: len(d) for s, d in sites.items()},
         "batched": {"models": args.models, "seconds": round(batched, 3), "models_per_second": round(batched_rate, 3)},
         "python_loop": {"models": args.loop_models, "seconds": round(loop, 3), "models_per_second": round(loop_rate, 3)},

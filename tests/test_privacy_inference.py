@@ -7,10 +7,8 @@ import pytest
 
 from fl.data import FEATURE_NAMES, MODEL_INPUTS, FeatureStatistics, PreprocessingSpec
 from fl.federated import initial_weights
-from fl.privacy import attribute as ai
-from fl.privacy import canaries as cn
-from fl.privacy import membership as mi
-from fl.privacy import reconstruction as rc
+from fl.privacy import attribute, canaries, reconstruction
+from fl.privacy.membership import lira_scores
 from fl.privacy.experiment import TrainingRecipe, run
 from synthetic_sites import load_sites
 
@@ -27,7 +25,7 @@ def _start():
     return weights[0], weights[1]
 
 
-def _gain(result: ai.AttributeInference, group: str) -> float:
+def _gain(result: attribute.AttributeInference, group: str) -> float:
     return result.results[(group, "model")].auc - result.results[(group, "population")].auc
 
 
@@ -37,8 +35,8 @@ def test_attribute_inference_on_an_overfit_model_exposes_members_not_non_members
     rest = {s: d.take(np.arange(40, len(d))) for s, d in sites.items()}
     experiment = run(tiny, models=64, targets=32, recipe=TrainingRecipe(**OVERFIT, initial=_start()), seed=4,
                      population_size=80)
-    result = ai.run(experiment.trained, experiment.membership, tiny, "diabetes", 32, np.random.default_rng(0),
-                    population=rest)
+    result = attribute.run(experiment.trained, experiment.membership, tiny, "diabetes", 32,
+                           np.random.default_rng(0), population=rest)
     # The model helps on members beyond the population baseline, and far more than on non-members.
     assert _gain(result, "members") > 0.0
     assert _gain(result, "members") - _gain(result, "non-members") > 0.08
@@ -57,8 +55,9 @@ def test_weighted_auc_equals_roc_auc_with_repeated_rows_and_ties():
     truth = rng.random(200) < 0.3
     weights = rng.integers(0, 4, 200)
     repeated = np.repeat(np.arange(200), weights)
-    assert ai.RankedScores(scores, truth).auc(weights) == pytest.approx(roc_auc_score(truth[repeated], scores[repeated]))
-    assert np.isnan(ai.RankedScores(scores, np.zeros(200, bool)).auc(np.ones(200)))
+    assert attribute.RankedScores(scores, truth).auc(weights) == pytest.approx(
+        roc_auc_score(truth[repeated], scores[repeated]))
+    assert np.isnan(attribute.RankedScores(scores, np.zeros(200, bool)).auc(np.ones(200)))
 
 
 def test_patient_bootstrap_intervals_widen_when_trials_repeat_patients():
@@ -66,9 +65,10 @@ def test_patient_bootstrap_intervals_widen_when_trials_repeat_patients():
     rng = np.random.default_rng(5)
     truth = rng.random(300) < 0.4
     scores = truth + rng.normal(size=300)
-    resampled = rng.multinomial(300, np.full(300, 1 / 300), size=ai.BOOTSTRAP)
-    once, _ = ai.evaluate_guesses(scores, truth, np.arange(300), resampled)
-    tiled, _ = ai.evaluate_guesses(np.tile(scores, 8), np.tile(truth, 8), np.tile(np.arange(300), 8), resampled)
+    resampled = rng.multinomial(300, np.full(300, 1 / 300), size=attribute.BOOTSTRAP)
+    once, _ = attribute.evaluate_guesses(scores, truth, np.arange(300), resampled)
+    tiled, _ = attribute.evaluate_guesses(np.tile(scores, 8), np.tile(truth, 8), np.tile(np.arange(300), 8),
+                                          resampled)
     assert tiled.trials == 8 * once.trials and tiled.patients == once.patients == 300
     assert tiled.auc == pytest.approx(once.auc)
     # Eight copies of each patient carry the information of one: the interval stays as wide.
@@ -79,7 +79,8 @@ def test_patient_bootstrap_intervals_widen_when_trials_repeat_patients():
 def test_attribute_inference_on_a_regularised_model_is_no_worse_for_members(sites):
     experiment = run(sites, models=16, targets=4, recipe=TrainingRecipe(5, 3, 0.05, 1e-4, _start()), seed=2,
                      population_size=500)
-    result = ai.run(experiment.trained, experiment.membership, sites, "renal_failure", 4, np.random.default_rng(0))
+    result = attribute.run(experiment.trained, experiment.membership, sites, "renal_failure", 4,
+                           np.random.default_rng(0))
     # What the model adds is population knowledge: the same for members and non-members.
     assert abs(_gain(result, "members") - _gain(result, "non-members")) < 0.03
     # The marginal guesser always says "no": accuracy one minus prevalence, AUC one half.
@@ -87,7 +88,7 @@ def test_attribute_inference_on_a_regularised_model_is_no_worse_for_members(site
     assert marginal.auc == pytest.approx(0.5)
     assert result.results[("non-members", "population")].auc > 0.6  # the diagnosis is predictable from the rest
     with pytest.raises(ValueError, match="binary feature"):
-        ai.run(experiment.trained, experiment.membership, sites, "age", 4, np.random.default_rng(0))
+        attribute.run(experiment.trained, experiment.membership, sites, "age", 4, np.random.default_rng(0))
 
 
 def test_leave_one_out_lira_equals_lira_against_each_target():
@@ -95,29 +96,29 @@ def test_leave_one_out_lira_equals_lira_against_each_target():
     logits = rng.normal(size=(30, 12))
     labels = rng.integers(0, 2, 30)
     members = rng.random((30, 12)) < 0.5
-    scores = cn.leave_one_out_lira(logits, labels, members)
+    scores = canaries.leave_one_out_lira(logits, labels, members)
     for target in (0, 5, 11):
         others = np.delete(np.arange(12), target)
-        expected = mi.lira_scores(logits[:, target], labels, logits[:, others], members[:, others], online=True)
+        expected = lira_scores(logits[:, target], labels, logits[:, others], members[:, others], online=True)
         np.testing.assert_allclose(scores[:, target], expected, rtol=1e-9, atol=1e-9)
 
 
 def test_canaries_are_valid_values_in_implausible_combinations(sites):
-    canaries = cn.make_canaries(sites["halland"], 20, np.random.default_rng(0))
-    assert list(canaries.features.columns) == list(FEATURE_NAMES) and len(canaries) == 20
+    outliers = canaries.make_canaries(sites["halland"], 20, np.random.default_rng(0))
+    assert list(outliers.features.columns) == list(FEATURE_NAMES) and len(outliers) == 20
     observed = sites["halland"].features
     for name in FEATURE_NAMES:
-        values = canaries.features[name].to_numpy()
+        values = outliers.features[name].to_numpy()
         assert np.isin(values, observed[name].dropna().unique()).all(), name  # each value occurs at the site
-    assert set(np.unique(canaries.labels)) <= {0, 1}
-    joined, mask = cn.inject(sites, "halland", canaries)
+    assert set(np.unique(outliers.labels)) <= {0, 1}
+    joined, mask = canaries.inject(sites, "halland", outliers)
     assert mask.sum() == 20 and len(joined["halland"]) == len(sites["halland"]) + 20
     assert mask[: len(sites["halland"])].sum() == 0  # halland comes first in name order; canaries at its end
 
 
 def test_canaries_in_an_overfit_federation_are_exposed_far_above_ordinary_patients(sites):
     tiny = {s: d.take(np.arange(40)) for s, d in sites.items()}
-    exposure = cn.run(tiny, "halland", 8, 64, TrainingRecipe(**OVERFIT, initial=_start()), seed=3)
+    exposure = canaries.run(tiny, "halland", 8, 64, TrainingRecipe(**OVERFIT, initial=_start()), seed=3)
     canary, ordinary = exposure.tpr_at["canaries"][0.01], exposure.tpr_at["ordinary patients"][0.01]
     assert canary[1] > ordinary[2]  # the canaries' lower bound above the ordinary patients' upper bound
     assert canary[0] > 3 * ordinary[0]
@@ -132,9 +133,10 @@ def _reconstruction(sites, seed: int, rounds: int, batch_sizes: tuple[int, ...])
     spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([features]))
     rng = np.random.default_rng(seed)
     weight, bias = rng.normal(0, 0.3, size=(rounds, MODEL_INPUTS)), rng.normal(0, 0.3, size=rounds)
-    return pd.DataFrame(rc.batch_reconstruction(spec.transform(features).astype(np.float64), labels, weight, bias,
-                                                rc.feature_levels(spec), len(FEATURE_NAMES), batch_sizes, 6,
-                                                rng)).set_index(["batch_size", "attacker"])
+    rows = reconstruction.batch_reconstruction(spec.transform(features).astype(np.float64), labels, weight, bias,
+                                               reconstruction.feature_levels(spec), len(FEATURE_NAMES), batch_sizes, 6,
+                                               rng)
+    return pd.DataFrame(rows).set_index(["batch_size", "attacker"])
 
 
 def test_gradient_matching_recovers_a_small_batch_seen_over_several_rounds(sites):
@@ -158,5 +160,5 @@ def test_match_records_pairs_guesses_with_records_in_any_order():
     levels = np.array([[0.0, 1.0], [np.nan, np.nan]])
     truth = np.array([[[1.0, 0.3], [0.0, -2.0]]])
     guess = np.array([[[0.1, -2.1], [0.8, 0.9]]])  # swapped; the second guess's numeric value is off by 0.6
-    recovered = rc.match_records(guess, truth, levels)
+    recovered = reconstruction.match_records(guess, truth, levels)
     np.testing.assert_array_equal(recovered, [[[True, False], [True, True]]])

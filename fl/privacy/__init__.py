@@ -1,7 +1,8 @@
 """Privacy evaluation (stage 4): does the model or the training carry personal data?
 
 - `reference`: many federated models trained at once (reference models for membership inference).
-- `membership`: loss-threshold, LiRA (online, offline) and RMIA scores; ROC, AUC, TPR at low FPR.
+- `membership`: loss-threshold, LiRA (online, offline) and RMIA scores, registered once each in `ATTACKS`;
+  AUC and TPR at low FPR.
 - `experiment`: pooled leave-one-out membership experiments and their sanity controls.
 - `reconstruction`: exact record recovery from a single-record gradient; the partner's update;
   gradient matching on batch gradients.
@@ -12,4 +13,21 @@
 - `client_dp`: client-level DP (Flower's server-side clipping wrapper) and its epsilon for one hospital.
 - `secagg`: Flower's SecAgg+ measured: aggregate, what the server receives, the other hospital, the cost.
 - `stage`: what the stage-4 notebook runs.
+
+The attacks are written for a logistic-regression federation (closed-form
+gradients, batched reference models, replayed logistic updates):
+`require_logistic` checks a profile before any of them runs.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for the annotation: the hospitals' client app imports fl.privacy.dp, not the params schema
+    from compendium.params import Profile
+
+
+def require_logistic(profile: Profile) -> None:
+    """Raise unless the profile's model is the logistic regression the batched attacks support."""
+    if profile.baselines.model != "logistic":
+        raise ValueError(f"stage 4 attacks a logistic-regression federation; baselines.model is "
+                         f"{profile.baselines.model!r} in params/{profile.profile}.yaml")

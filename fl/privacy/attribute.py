@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from data_synth.cohort import FEATURES
+from data_synth.features import FEATURES
 from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit
 from fl.evaluate import record_loss
 from fl.privacy.reference import BatchedModels, SiteTensors

@@ -20,10 +20,10 @@ import pandas as pd
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
-from data_synth.cohort import FEATURES
+from data_synth.features import FEATURES
 from fl.data import FEATURE_NAMES, FeatureStatistics, PreprocessingSpec, SiteSplit, age_band
 from fl.evaluate import auroc, true_label_confidence
-from fl.privacy import membership as mi
+from fl.privacy.membership import LOW_FPRS, clopper_pearson, tpr_entries
 from fl.privacy.experiment import TrainingRecipe, train_population
 
 #: Canaries take values beyond these quantiles of the site's observed values (low or high at random).
@@ -126,14 +126,14 @@ class CanaryExposure:
         groups = {}
         for group in self.tpr_at:
             groups[group] = {"auc": round(self.auc[group], 4), "member_trials": self.trials[group],
-                             **mi.tpr_entries(self.tpr_at[group])}
+                             **tpr_entries(self.tpr_at[group])}
         return {"canaries": self.canaries, "site": self.site, "reference_models": self.models,
                 "threshold_set_on": "ordinary non-members", "threshold_trials": self.threshold_trials, "groups": groups,
                 "median_canary_exposure_rank": round(self.canary_rank, 4)}
 
 
 def exposure(scores: np.ndarray, members: np.ndarray, canary: np.ndarray,
-             fprs: tuple[float, ...] = mi.LOW_FPRS) -> tuple[dict, dict, dict, float, int]:
+             fprs: tuple[float, ...] = LOW_FPRS) -> tuple[dict, dict, dict, float, int]:
     """Return per group (TPR at each FPR with CIs, AUC, member trials), the median canary's exposure rank and
     the number of ordinary non-member trials the thresholds are set on."""
     members = np.asarray(members, dtype=bool)
@@ -147,7 +147,7 @@ def exposure(scores: np.ndarray, members: np.ndarray, canary: np.ndarray,
             allowed = int(np.floor(fpr * baseline.size))
             threshold = baseline[allowed] if allowed < baseline.size else -np.inf
             hits = int(np.sum(s[m] > threshold))
-            hits_at[fpr] = (hits / max(int(m.sum()), 1), *mi.clopper_pearson(hits, int(m.sum())))
+            hits_at[fpr] = (hits / max(int(m.sum()), 1), *clopper_pearson(hits, int(m.sum())))
         tpr_at[group], trials[group] = hits_at, int(m.sum())
         auc[group] = float(auroc(m.ravel().astype(int), s.ravel()))
     # Per record: mean score when a member minus when not (as `experiment.vulnerability`).

@@ -52,8 +52,8 @@ def client_level_frontier(profile: Profile, site_dirs: list[Path], output_dir: P
     """
     rows = []
     for noise in [0.0, *noise_multipliers]:
-        dp = ClientLevelDP(noise, clipping_norm) if noise > 0 else None
-        result = run_direct(profile, "fedavg", site_dirs, Path(output_dir) / f"noise_{noise:g}", client_dp=dp)
+        settings = ClientLevelDP(noise, clipping_norm) if noise > 0 else None
+        result = run_direct(profile, "fedavg", site_dirs, Path(output_dir) / f"noise_{noise:g}", client_dp=settings)
         last = max(row["round"] for row in result.history)
         auroc = {row["site"]: float(row["auroc"]) for row in result.history if row["round"] == last}
         rows.append({"noise_multiplier": noise, "clipping_norm": clipping_norm if noise > 0 else None,

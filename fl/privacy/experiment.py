@@ -15,11 +15,9 @@ import pandas as pd
 import torch
 
 from fl.data import SiteSplit
-from fl.privacy import membership as mi
+from fl.privacy.membership import ATTACKS, AttackerKnowledge, AttackResult, evaluate_attack
 from fl.privacy.reference import (BatchedModels, DPSGDRecipe, SiteTensors, membership_masks, train_federated,
                                   train_federated_dp)
-
-ATTACKS = ("loss", "lira_online", "lira_offline", "rmia")
 
 
 @dataclass(frozen=True)
@@ -37,8 +35,8 @@ class TrainingRecipe:
 class MembershipExperiment:
     """Pooled attack trials and their evaluation."""
 
-    results: dict[str, mi.AttackResult]
-    scores: dict[str, np.ndarray]  # attack -> (T * N,) pooled scores
+    results: dict[str, AttackResult]  # attack name -> result, in `membership.ATTACKS` order
+    scores: dict[str, np.ndarray]  # attack name -> (T * N,) pooled scores
     members: np.ndarray  # (T * N,) pooled membership
     per_record: pd.DataFrame  # per-record vulnerability (aggregated over targets)
     models: int
@@ -71,16 +69,10 @@ def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingR
 
 def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, target: int,
                   population: np.ndarray) -> dict[str, np.ndarray]:
-    """Return every attack's scores against model `target`, the others being references."""
+    """Return every registered attack's scores against model `target`, the others being references."""
     others = np.delete(np.arange(logits.shape[1]), target)
-    reference, reference_members = logits[:, others], members[:, others]
-    target_logits = logits[:, target]
-    return {
-        "loss": mi.loss_scores(target_logits, labels),
-        "lira_online": mi.lira_scores(target_logits, labels, reference, reference_members, online=True),
-        "lira_offline": mi.lira_scores(target_logits, labels, reference, reference_members, online=False),
-        "rmia": mi.rmia_scores(target_logits, labels, reference, population),
-    }
+    known = AttackerKnowledge(logits[:, target], labels, logits[:, others], members[:, others], population)
+    return {name: attack.scores(known) for name, attack in ATTACKS.items()}
 
 
 def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe | DPSGDRecipe, seed: int,
@@ -97,7 +89,7 @@ def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: Training
             pooled[attack].append(scores)
     scores = {attack: np.concatenate(parts) for attack, parts in pooled.items()}
     pooled_members = np.concatenate([members[:, t] for t in range(targets)])
-    results = {attack: mi.evaluate_attack(s, pooled_members) for attack, s in scores.items()}
+    results = {attack: evaluate_attack(s, pooled_members) for attack, s in scores.items()}
     per_record = vulnerability(scores["lira_online"], pooled_members, len(labels), targets)
     return MembershipExperiment(results, scores, pooled_members, per_record, models, targets, trained, members)
 
@@ -114,9 +106,14 @@ def vulnerability(scores: np.ndarray, members: np.ndarray, records: int, targets
     return pd.DataFrame({"score_gap": mean_where(member) - mean_where(~member)})
 
 
-def null_control(experiment: MembershipExperiment, attack: str, rng: np.random.Generator) -> mi.AttackResult:
+def null_control(experiment: MembershipExperiment, attack: str, rng: np.random.Generator) -> AttackResult:
     """Return the attack evaluated on non-members only, half of them labelled 'member' at random (AUC ~0.5)."""
     non_members = ~experiment.members
     scores = experiment.scores[attack][non_members]
     fake = rng.random(scores.size) < 0.5
-    return mi.evaluate_attack(scores, fake)
+    return evaluate_attack(scores, fake)
+
+
+def null_controls(experiment: MembershipExperiment, rng: np.random.Generator) -> dict[str, AttackResult]:
+    """Return every attack's null control (`null_control`), drawing the fake labels from `rng` attack by attack."""
+    return {attack: null_control(experiment, attack, rng) for attack in experiment.scores}

@@ -9,13 +9,17 @@ Attacks score every candidate record; a higher score means "member".
 - `rmia_scores`: the relative membership inference attack (Zarifzadeh et al.
   2024): the record's likelihood ratio against population records.
 
-Results are ROC curves with AUC and TPR at low FPR, with Clopper-Pearson
-intervals on the TPR, and are pooled over several target models so that a
-0.1% FPR rests on enough non-member trials.
+`ATTACKS` registers each attack once: its name in summary.json, its label
+in tables and figures, and how it scores from what the attacker knows.
+
+Results are AUC and TPR at low FPR, with Clopper-Pearson intervals on the
+TPR, and are pooled over several target models so that a 0.1% FPR rests on
+enough non-member trials.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import stats
@@ -85,6 +89,38 @@ def rmia_scores(target_logits: np.ndarray, labels: np.ndarray, reference_logits:
 
 
 @dataclass(frozen=True)
+class AttackerKnowledge:
+    """What a black-box attacker holds against one target model: its logits, the labels, and reference models."""
+
+    target_logits: np.ndarray  # (n,) the target model's log-odds of every candidate record
+    labels: np.ndarray  # (n,)
+    reference_logits: np.ndarray  # (n, R) the reference models' log-odds
+    reference_members: np.ndarray  # (n, R) each record's membership in each reference model
+    population: np.ndarray  # indices of records used as population samples (RMIA's z)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One membership attack: its name in summary.json, its label in tables and figures, and its scores."""
+
+    name: str
+    label: str
+    scores: Callable[[AttackerKnowledge], np.ndarray]
+
+
+#: Every membership attack, in the order results, tables and figures list them.
+ATTACKS: dict[str, Attack] = {attack.name: attack for attack in (
+    Attack("loss", "loss threshold", lambda known: loss_scores(known.target_logits, known.labels)),
+    Attack("lira_online", "LiRA (online)", lambda known: lira_scores(
+        known.target_logits, known.labels, known.reference_logits, known.reference_members, online=True)),
+    Attack("lira_offline", "LiRA (offline)", lambda known: lira_scores(
+        known.target_logits, known.labels, known.reference_logits, known.reference_members, online=False)),
+    Attack("rmia", "RMIA", lambda known: rmia_scores(
+        known.target_logits, known.labels, known.reference_logits, known.population)),
+)}
+
+
+@dataclass(frozen=True)
 class AttackResult:
     """How well an attack separates members from non-members, over pooled trials."""
 
@@ -110,24 +146,18 @@ def tpr_entries(tpr_at: dict[float, tuple[float, float, float]]) -> dict[str, di
 
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Return the exact binomial confidence interval for successes / trials."""
-    alpha = 1 - level
-    low = stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes > 0 else 0.0
-    high = stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes) if successes < trials else 1.0
-    return float(low), float(high)
+    """Return the exact (Clopper-Pearson) binomial confidence interval for successes / trials.
 
-
-def roc_curve(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (fpr, tpr) over all thresholds, from the strictest down."""
-    order = np.argsort(-scores, kind="mergesort")
-    member_sorted = np.asarray(members, dtype=bool)[order]
-    tp = np.cumsum(member_sorted)
-    fp = np.cumsum(~member_sorted)
-    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+    Without trials (no members to find) the interval is all of [0, 1].
+    """
+    if trials == 0:
+        return 0.0, 1.0
+    interval = stats.binomtest(successes, trials).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> tuple[float, int, int]:
-    """Return (tpr, true positives, members) at the strictest threshold whose FPR is at most `fpr`."""
+    """Return (tpr, true positives, members) at the most lenient threshold whose FPR is at most `fpr`."""
     members = np.asarray(members, dtype=bool)
     negatives = np.sort(scores[~members])[::-1]
     allowed = int(np.floor(fpr * negatives.size))

@@ -131,7 +131,7 @@ def match_records(guess: np.ndarray, truth: np.ndarray, binary: np.ndarray) -> n
 
 def feature_levels(spec) -> np.ndarray:
     """Return (d, 2): the two values each binary input takes on the model's scale (NaN for numeric inputs)."""
-    from data_synth.cohort import FEATURES
+    from data_synth.features import FEATURES
 
     kinds = {f.name: f.kind for f in FEATURES}
     levels = np.full((spec.n_outputs, 2), np.nan)

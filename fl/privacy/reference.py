@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, _transformed
+from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, transformed_features
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class SiteTensors:
 
     @classmethod
     def of(cls, features: pd.DataFrame, labels: np.ndarray, schema: FeatureSchema = SYNTHETIC_SCHEMA) -> "SiteTensors":
-        raw = _transformed(features, schema).to_numpy()
+        raw = transformed_features(features, schema).to_numpy()
         observed = ~np.isnan(raw)
         indicator_columns = [schema.features.index(name) for name in schema.indicator_features]
         values = np.where(observed, raw, 0.0)

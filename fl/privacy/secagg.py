@@ -35,9 +35,10 @@ from compendium.params import Profile
 from fl.baselines import shared_schema, site_splits
 from fl.data import site_dir
 from fl.federated import LocalResult, weighted_average, weights_difference
-from fl.flower import secagg as fsa
+from fl.flower import secagg as flower_secagg
 from fl.flower.server_app import local_train_config
 from fl.flower.stage import load_result
+from fl.privacy import require_logistic
 from fl.privacy.reconstruction import partner_update
 from fl.privacy.updates import replay_round
 
@@ -59,12 +60,12 @@ class SecAggError(RuntimeError):
 class SecAggMeasurement:
     """One SecAgg+ run and its plain FedAvg twin, measured against the sites' replayed updates."""
 
-    settings: fsa.SecAggSettings
+    settings: flower_secagg.SecAggSettings
     engine: str
     sites: tuple[str, ...]
     rounds: int
-    secure: fsa.RunRecord
-    plain: fsa.RunRecord
+    secure: flower_secagg.RunRecord
+    plain: flower_secagg.RunRecord
     aggregate_error: dict[int, float]  # per round: max |SecAgg+ aggregate - FedAvg of the same updates|
     masked_correlation: dict[str, float]  # per site: Pearson r of masked upload and true weights, pooled over rounds
     masked_values: int  # values per site the correlation pools
@@ -148,7 +149,7 @@ class SecAggMeasurement:
             "others_average_vs_closest_single_site_max_abs_difference": _sig(self.nearest_single_site),
         })
         return {
-            "mechanism": fsa.MECHANISM,
+            "mechanism": flower_secagg.MECHANISM,
             "engine": self.engine,
             "rounds": self.rounds,
             "sites": list(self.sites),
@@ -195,24 +196,22 @@ class SecAggMeasurement:
 
 
 def measure(profile: Profile, build_dir: Path, rounds: int | None = None, engine: str | None = None,
-            settings: fsa.SecAggSettings | None = None) -> SecAggMeasurement:
+            settings: flower_secagg.SecAggSettings | None = None) -> SecAggMeasurement:
     """Return SecAgg+ measured on the first `rounds` rounds (default `privacy.secagg_rounds`) of stage 3's FedAvg.
 
     Both runs use stage 3's federated standardisation and the profile's
     local training, in this process on the profile's engine.
     """
-    from fl.privacy.stage import require_logistic
-
     require_logistic(profile)
     rounds = rounds or min(profile.privacy.secagg_rounds, profile.federated.rounds)
     engine = engine or profile.federated.engine
-    settings = settings or fsa.SecAggSettings(clipping_range=profile.privacy.secagg_clipping_range)
+    settings = settings or flower_secagg.SecAggSettings(clipping_range=profile.privacy.secagg_clipping_range)
     train = site_splits(build_dir, profile.sites, "train")
     spec = load_result(Path(build_dir) / FEDERATED / "fedavg", "fedavg", shared_schema(train)).spec
-    plan = fsa.federation_plan(profile, spec, {s: len(d) for s, d in train.items()}, rounds)
+    plan = flower_secagg.federation_plan(profile, spec, {s: len(d) for s, d in train.items()}, rounds)
     dirs = [site_dir(build_dir, s) for s in profile.sites]
-    plain = fsa.run(plan, dirs, None, engine)
-    secure = fsa.run(plan, dirs, settings, engine)
+    plain = flower_secagg.run(plan, dirs, None, engine)
+    secure = flower_secagg.run(plan, dirs, settings, engine)
 
     sites = {s: (train[s], None) for s in profile.sites}
     config = local_train_config(profile)

@@ -1,62 +1,59 @@
 """Stage 4: run the privacy attacks of each attacker position and summarise them."""
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_curve
 
 from compendium.params import Profile
 from fl.baselines import shared_schema, site_splits
-from fl.data import site_dir
-from fl.federated import initial_weights
+from fl.data import FeatureStatistics, PreprocessingSpec, site_dir
+from fl.evaluate import auroc, not_estimable_reason
+from fl.federated import initial_weights, predict, predict_logits
 from fl.flower.server_app import CHECKPOINTS, local_train_config, saved_weights
 from fl.flower.stage import load_result
-from fl.privacy import membership as mi
-from fl.privacy import client_dp as cdp
-from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, null_control, run
-from fl.privacy import attribute as ai
-from fl.privacy import canaries as cn
-from fl.privacy import reconstruction as rc
+from fl.privacy import attribute, canaries, client_dp, reconstruction, require_logistic
+from fl.privacy.dp import DPConfig, accounted_epsilon, dp_fedavg, epsilon_bound
+from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, run
+from fl.privacy.membership import ATTACKS, AttackResult, evaluate_attack, fpr_label, loss_scores
+from fl.privacy.reference import DPSGDRecipe
+from fl.privacy.secagg import SecAggMeasurement, measure
 from fl.privacy.updates import UpdateAttack, attack_update, replay_round
 
 FEDERATED = Path("03_federated_training")
-ATTACK_LABELS = {"loss": "loss threshold", "lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)",
-                 "rmia": "RMIA"}
-
-
-def require_logistic(profile: Profile) -> None:
-    """Raise unless the profile's model is the logistic regression the batched attacks support."""
-    if profile.baselines.model != "logistic":
-        raise ValueError(f"stage 4 attacks a logistic-regression federation; baselines.model is "
-                         f"{profile.baselines.model!r} in params/{profile.profile}.yaml")
 
 
 def recipe(profile: Profile, n_inputs: int) -> TrainingRecipe:
     """Return the federated training every reference model repeats (the profile's FedAvg run)."""
-    f = profile.federated
+    federated = profile.federated
     weights = initial_weights("logistic", n_inputs, (), profile.seed)
-    return TrainingRecipe(f.rounds, f.local_epochs, f.learning_rate, f.weight_decay, (weights[0], weights[1]))
+    return TrainingRecipe(federated.rounds, federated.local_epochs, federated.learning_rate, federated.weight_decay,
+                          (weights[0], weights[1]))
 
 
 def membership(profile: Profile, build_dir: Path) -> MembershipExperiment:
     """Return the pooled membership-inference experiment on the federated pipeline (positions A and B)."""
     require_logistic(profile)
     sites = site_splits(build_dir, profile.sites, "all")
-    p = profile.privacy
-    return run(sites, p.reference_models, p.target_models, recipe(profile, shared_schema(sites).n_inputs),
-               profile.seed, p.population_size)
+    privacy = profile.privacy
+    return run(sites, privacy.reference_models, privacy.target_models,
+               recipe(profile, shared_schema(sites).n_inputs), profile.seed, privacy.population_size)
 
 
 def positive_control(profile: Profile, build_dir: Path) -> MembershipExperiment:
     """Return the same experiment on a deliberately overfit federation (few patients, long training)."""
-    p = profile.privacy
+    privacy = profile.privacy
     everyone = site_splits(build_dir, profile.sites, "all")
-    sites = {s: d.take(np.arange(min(p.positive_control_patients, len(d)))) for s, d in everyone.items()}
+    sites = {s: d.take(np.arange(min(privacy.positive_control_patients, len(d)))) for s, d in everyone.items()}
     base = recipe(profile, shared_schema(everyone).n_inputs)
-    overfit = TrainingRecipe(10, p.positive_control_epochs, 0.2, 0.0, base.initial)
-    models = max(p.reference_models, 32)
-    return run(sites, models, models // 2, overfit, profile.seed, population_size=2 * p.positive_control_patients)
+    overfit = TrainingRecipe(10, privacy.positive_control_epochs, 0.2, 0.0, base.initial)
+    models = max(privacy.reference_models, 32)
+    return run(sites, models, models // 2, overfit, profile.seed,
+               population_size=2 * privacy.positive_control_patients)
 
 
 def update_attacks(profile: Profile, build_dir: Path) -> list[UpdateAttack]:
@@ -105,7 +102,7 @@ SYNTHETIC_ONLY = ("not run on provided data: the attack is built on the syntheti
 
 
 def attribute_inference(profile: Profile, build_dir: Path,
-                        experiment: MembershipExperiment) -> ai.AttributeInference | None:
+                        experiment: MembershipExperiment) -> attribute.AttributeInference | None:
     """Return attribute inference of the profile's sensitive diagnosis against the membership experiment's targets.
 
     None on a provided dataset (`SYNTHETIC_ONLY` says why).
@@ -114,11 +111,11 @@ def attribute_inference(profile: Profile, build_dir: Path,
         return None
     sites = site_splits(build_dir, profile.sites, "all")
     rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 9]))
-    return ai.run(experiment.trained, experiment.membership, sites, profile.privacy.sensitive_attribute,
-                  experiment.targets, rng)
+    return attribute.run(experiment.trained, experiment.membership, sites, profile.privacy.sensitive_attribute,
+                         experiment.targets, rng)
 
 
-def canary_exposure(profile: Profile, build_dir: Path) -> cn.CanaryExposure | None:
+def canary_exposure(profile: Profile, build_dir: Path) -> canaries.CanaryExposure | None:
     """Return the exposure of canaries injected into the first site, against every reference pipeline.
 
     None on a provided dataset (`SYNTHETIC_ONLY` says why).
@@ -127,9 +124,9 @@ def canary_exposure(profile: Profile, build_dir: Path) -> cn.CanaryExposure | No
     if profile.dataset is not None:
         return None
     sites = site_splits(build_dir, profile.sites, "all")
-    p = profile.privacy
-    return cn.run(sites, profile.sites[0], p.canaries, p.reference_models,
-                  recipe(profile, shared_schema(sites).n_inputs), profile.seed)
+    privacy = profile.privacy
+    return canaries.run(sites, profile.sites[0], privacy.canaries, privacy.reference_models,
+                        recipe(profile, shared_schema(sites).n_inputs), profile.seed)
 
 
 def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
@@ -148,13 +145,14 @@ def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
     models = [_global_model(folder, r) for r in range(1, profile.federated.rounds + 1)]
     weight = np.stack([m[0].reshape(-1) for m in models]).astype(np.float64)
     bias = np.array([float(m[1].ravel()[0]) for m in models])
-    p = profile.privacy
+    privacy = profile.privacy
     rows = []
     for rounds in sorted({1, profile.federated.rounds}):
         rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 10, rounds]))
-        for row in rc.batch_reconstruction(inputs, labels, weight[:rounds], bias[:rounds], rc.feature_levels(spec),
-                                           len(spec.schema.features), tuple(p.reconstruction_batch_sizes),
-                                           p.reconstruction_batches, rng):
+        for row in reconstruction.batch_reconstruction(
+                inputs, labels, weight[:rounds], bias[:rounds], reconstruction.feature_levels(spec),
+                len(spec.schema.features), tuple(privacy.reconstruction_batch_sizes),
+                privacy.reconstruction_batches, rng):
             rows.append({"rounds observed": rounds, **row})
     return pd.DataFrame(rows)
 
@@ -162,13 +160,8 @@ def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
 def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     """Return, per DP noise level: epsilon per hospital and overall, AUROC per site, and the loss attack
     on the DP model (members: training split, non-members: test split) against the bound epsilon implies."""
-    from fl import evaluate as ev
-    from fl.data import FeatureStatistics, PreprocessingSpec
-    from fl.federated import predict, predict_logits
-    from fl.privacy.dp import DPConfig, dp_fedavg
-
     require_logistic(profile)
-    p, f = profile.privacy, profile.federated
+    privacy = profile.privacy
     train = site_splits(build_dir, profile.sites, "train")
     test = site_splits(build_dir, profile.sites, "test")
     schema = shared_schema(train)
@@ -177,23 +170,24 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     data = {s: (spec.transform(t.features), t.labels) for s, t in train.items()}
     start = initial_weights("logistic", schema.n_inputs, (), profile.seed)
     rows = []
-    for noise in p.dp_noise_multipliers:
-        config = DPConfig(noise, p.dp_max_grad_norm, p.dp_sample_rate, p.dp_delta, p.dp_learning_rate, 1)
-        weights, epsilons = dp_fedavg(data, start, f.rounds, config, profile.seed)
+    for noise in privacy.dp_noise_multipliers:
+        config = DPConfig(noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate, privacy.dp_delta,
+                          privacy.dp_learning_rate, 1)
+        weights, epsilons = dp_fedavg(data, start, profile.federated.rounds, config, profile.seed)
         epsilon = max(epsilons.values())
-        row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": p.dp_delta,
+        row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
                **{f"epsilon_{s}": round(e, 3) for s, e in epsilons.items()}}
         scores, members = [], []
         for site in profile.sites:
             for split, is_member in ((train[site], True), (test[site], False)):
-                scores.append(mi.loss_scores(predict_logits("logistic", (), weights, spec.transform(split.features)),
-                                             split.labels))
+                scores.append(loss_scores(predict_logits("logistic", (), weights, spec.transform(split.features)),
+                                          split.labels))
                 members.append(np.full(len(split), is_member))
-            row[f"auroc_{site}"] = (round(ev.auroc(test[site].labels, predict(
+            row[f"auroc_{site}"] = (round(auroc(test[site].labels, predict(
                 "logistic", (), weights, spec.transform(test[site].features))), 4)
-                if ev.not_estimable_reason(test[site].labels) is None else None)
-        attack = mi.evaluate_attack(np.concatenate(scores), np.concatenate(members))
-        row |= against_bound(attack.tpr_at, epsilon, p.dp_delta, tpr_key="attack_tpr_at")
+                if not_estimable_reason(test[site].labels) is None else None)
+        attack = evaluate_attack(np.concatenate(scores), np.concatenate(members))
+        row |= against_bound(attack.tpr_at, epsilon, privacy.dp_delta, tpr_key="attack_tpr_at")
         row["attack_auc"] = round(attack.auc, 4)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -205,50 +199,47 @@ def client_dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     Each point re-runs the FedAvg federation through the pilot's Flower apps
     with Flower's server-side clipping wrapper (fl.privacy.client_dp).
     """
-    import tempfile
-
-    p = profile.privacy
+    privacy = profile.privacy
     with tempfile.TemporaryDirectory(prefix="client-dp-") as runs:
-        return cdp.client_level_frontier(profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
-                                         list(p.client_dp_noise_multipliers), p.client_dp_clipping_norm, p.dp_delta)
+        return client_dp.client_level_frontier(
+            profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
+            list(privacy.client_dp_noise_multipliers), privacy.client_dp_clipping_norm, privacy.dp_delta)
 
 
-def secure_aggregation(profile: Profile, build_dir: Path):
+def secure_aggregation(profile: Profile, build_dir: Path) -> SecAggMeasurement:
     """Return Flower's SecAgg+ measured on the first `privacy.secagg_rounds` FedAvg rounds (fl.privacy.secagg).
 
     The aggregate against plain FedAvg, what the server receives from each
     site, the other hospital's subtraction (position D) and the cost.
     """
-    from fl.privacy.secagg import measure
-
     return measure(profile, build_dir)
 
 
 def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     """Return, per DP noise level and attack, the membership attacks against DP-SGD-trained federations
     (batched reference pipelines, as for the non-private model) and the bound their epsilon implies."""
-    from fl.privacy.dp import accounted_epsilon
-    from fl.privacy.reference import DPSGDRecipe
-
     require_logistic(profile)
-    p, f = profile.privacy, profile.federated
+    privacy = profile.privacy
     # A random subsample of each site keeps the many small DP steps affordable; the bound is unchanged,
     # since epsilon depends on the sampling rate and the number of steps, not on how many patients there are.
     rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 11]))
-    sites = {s: d.take(np.sort(rng.choice(len(d), min(p.dp_attack_patients, len(d)), replace=False)))
+    sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.dp_attack_patients, len(d)), replace=False)))
              for s, d in site_splits(build_dir, profile.sites, "all").items()}
     start = recipe(profile, shared_schema(sites).n_inputs).initial
     rows = []
-    for noise in p.dp_noise_multipliers:
-        dp = DPSGDRecipe(f.rounds, 1, noise, p.dp_max_grad_norm, p.dp_sample_rate, p.dp_learning_rate, start)
-        experiment = run(sites, p.dp_attack_reference_models, p.target_models, dp, profile.seed, p.population_size)
+    for noise in privacy.dp_noise_multipliers:
+        dp_recipe = DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
+                                privacy.dp_learning_rate, start)
+        experiment = run(sites, privacy.dp_attack_reference_models, privacy.target_models, dp_recipe, profile.seed,
+                         privacy.population_size)
         # Each site's accountant: Poisson rate 1 / steps, steps per epoch times epochs times rounds.
-        epsilon = max(accounted_epsilon(noise, 1 / steps, steps * dp.local_epochs * dp.rounds, p.dp_delta)
+        epsilon = max(accounted_epsilon(noise, 1 / steps, steps * dp_recipe.local_epochs * dp_recipe.rounds,
+                                        privacy.dp_delta)
                       for steps in experiment.trained.dp_steps.values())
         for attack, result in experiment.results.items():
-            row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": p.dp_delta,
-                   "attack": ATTACK_LABELS[attack], "auc": round(result.auc, 4)}
-            row |= against_bound(result.tpr_at, epsilon, p.dp_delta, interval=True)
+            row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
+                   "attack": ATTACKS[attack].label, "auc": round(result.auc, 4)}
+            row |= against_bound(result.tpr_at, epsilon, privacy.dp_delta, interval=True)
             rows.append(row | {"members": result.members, "non_members": result.non_members,
                                "patients_per_site": {s: len(d) for s, d in sites.items()}})
     return pd.DataFrame(rows)
@@ -258,11 +249,9 @@ def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: floa
                   tpr_key: str = "tpr_at", interval: bool = False) -> dict:
     """Return per FPR an attack's TPR (with its 95% interval if `interval`), the bound epsilon implies, and
     whether it is violated: a violation needs the whole confidence interval above the bound."""
-    from fl.privacy.dp import epsilon_bound
-
     row = {}
     for fpr, (tpr, low, high) in tpr_at.items():
-        bound, label = epsilon_bound(epsilon, delta, fpr), mi.fpr_label(fpr)
+        bound, label = epsilon_bound(epsilon, delta, fpr), fpr_label(fpr)
         row[f"{tpr_key}_{label}"] = round(tpr, 5)
         if interval:
             row |= {f"tpr_lower_at_{label}": round(low, 5), f"tpr_upper_at_{label}": round(high, 5)}
@@ -285,14 +274,13 @@ def results_table(experiment: MembershipExperiment, position: str) -> pd.DataFra
     """Return one row per attack: AUC, TPR at 0.1% and 1% FPR with 95% CIs, trials."""
     rows = []
     for attack, result in experiment.results.items():
-        d = result.as_dict()
+        entry = result.as_dict()
+        low_fpr, one_pct = entry["tpr_at_0.1pct_fpr"], entry["tpr_at_1pct_fpr"]
         rows.append({
-            "position": position, "attack": ATTACK_LABELS[attack], "auc": d["auc"],
-            "tpr@0.1%fpr": f"{d['tpr_at_0.1pct_fpr']['value']:.4f} ({d['tpr_at_0.1pct_fpr']['lower']:.4f}-"
-                           f"{d['tpr_at_0.1pct_fpr']['upper']:.4f})",
-            "tpr@1%fpr": f"{d['tpr_at_1pct_fpr']['value']:.4f} ({d['tpr_at_1pct_fpr']['lower']:.4f}-"
-                         f"{d['tpr_at_1pct_fpr']['upper']:.4f})",
-            "member trials": d["members"], "non-member trials": d["non_members"],
+            "position": position, "attack": ATTACKS[attack].label, "auc": entry["auc"],
+            "tpr@0.1%fpr": f"{low_fpr['value']:.4f} ({low_fpr['lower']:.4f}-{low_fpr['upper']:.4f})",
+            "tpr@1%fpr": f"{one_pct['value']:.4f} ({one_pct['lower']:.4f}-{one_pct['upper']:.4f})",
+            "member trials": entry["members"], "non-member trials": entry["non_members"],
         })
     return pd.DataFrame(rows)
 
@@ -306,8 +294,12 @@ def exposure_quantiles(gap: pd.Series) -> pd.DataFrame:
 
 
 def roc_curves(experiment: MembershipExperiment) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Return each attack's pooled ROC curve."""
-    return {ATTACK_LABELS[a]: mi.roc_curve(s, experiment.members) for a, s in experiment.scores.items()}
+    """Return each attack's pooled ROC curve (FPR, TPR) under its figure label, from (0, 0), strictest first."""
+    curves = {}
+    for attack, scores in experiment.scores.items():
+        fpr, tpr, _ = roc_curve(experiment.members, scores, drop_intermediate=False)
+        curves[ATTACKS[attack].label] = (fpr, tpr)
+    return curves
 
 
 def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
@@ -323,21 +315,36 @@ def update_table(attacks: list[UpdateAttack], rounds: set[int]) -> pd.DataFrame:
     return table
 
 
-def summary(profile: Profile, experiment: MembershipExperiment, control: MembershipExperiment,
-            null: dict[str, mi.AttackResult], attacks: list[UpdateAttack], frontier: pd.DataFrame,
-            attribute: ai.AttributeInference, canary: cn.CanaryExposure, reconstruction: pd.DataFrame,
-            dp_attacks: pd.DataFrame, client_dp: pd.DataFrame, secagg) -> dict:
+@dataclass(frozen=True)
+class PrivacyResults:
+    """Everything stage 4 measured, in the notebook's order; each field is what the function of its name returns."""
+
+    membership: MembershipExperiment
+    null_controls: dict[str, AttackResult]  # attack name -> `experiment.null_controls` of `membership`
+    positive_control: MembershipExperiment
+    attribute_inference: attribute.AttributeInference | None  # None on a provided dataset
+    canary_exposure: canaries.CanaryExposure | None  # None on a provided dataset
+    update_attacks: list[UpdateAttack]
+    batch_reconstruction: pd.DataFrame
+    dp_frontier: pd.DataFrame
+    dp_membership: pd.DataFrame
+    client_dp_frontier: pd.DataFrame
+    secure_aggregation: SecAggMeasurement
+
+
+def summary(profile: Profile, results: PrivacyResults) -> dict:
     """Return stage 4's summary.json: one entry per (attack, position, target model), and the attacks whose
     metrics are not membership ROCs (attribute inference, canaries, reconstruction, per-round exposure), and the
-    defences (DP-SGD, client-level DP, secure aggregation: `secagg` is a fl.privacy.secagg.SecAggMeasurement)."""
+    defences (DP-SGD, client-level DP, secure aggregation)."""
+    experiment, canary, attacks = results.membership, results.canary_exposure, results.update_attacks
     entries = []
     for attack, result in experiment.results.items():
         entries.append({"attack": attack, "position": "A/B: released model (scores or weights)",
                         "target_model": "federated FedAvg, pooled over targets", **result.as_dict()})
-    for attack, result in control.results.items():
+    for attack, result in results.positive_control.results.items():
         entries.append({"attack": attack, "position": "positive control", "target_model": "overfit federation",
                         **result.as_dict()})
-    for attack, result in null.items():
+    for attack, result in results.null_controls.items():
         entries.append({"attack": attack, "position": "null control", "target_model": "non-members only",
                         **result.as_dict()})
     if canary is not None:
@@ -354,6 +361,8 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
                 continue
             entries.append({"attack": "loss_drop", "position": position,
                             "target_model": f"round {a.server_round} update of {a.victim}", **result.as_dict()})
+    inference = results.attribute_inference
+    frontier, dp_attacks = results.dp_frontier, results.dp_membership
     return {
         "stage": "04_privacy_evaluation",
         "profile": profile.profile,
@@ -365,20 +374,21 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
                                        if all(a.other_hospital is not None for a in attacks) else None),
         "per_round_exposure": per_round_exposure(attacks).to_dict(orient="records"),
         "attribute_inference": {"position": "A/B: released model (scores or weights)",
-                                "target_model": "federated FedAvg, pooled over targets", **attribute.as_dict()}
-        if attribute is not None else {"not_run": SYNTHETIC_ONLY},
+                                "target_model": "federated FedAvg, pooled over targets", **inference.as_dict()}
+        if inference is not None else {"not_run": SYNTHETIC_ONLY},
         "canaries": {"attack": "lira_online", "position": "A/B: released model (scores or weights)",
                      "target_model": "federated FedAvg with canaries, every reference pipeline in turn",
                      **canary.as_dict()} if canary is not None else {"not_run": SYNTHETIC_ONLY},
         "batch_reconstruction": {
             "attack": "gradient matching", "position": "C/D: one site's FedSGD batch gradients",
-            "numeric_tolerance_sd": rc.NUMERIC_TOLERANCE, "results": reconstruction.to_dict(orient="records")},
+            "numeric_tolerance_sd": reconstruction.NUMERIC_TOLERANCE,
+            "results": results.batch_reconstruction.to_dict(orient="records")},
         "client_level_dp": {
             "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping around unweighted FedAvg",
-            "unit_of_privacy": cdp.UNIT, "accountant": cdp.ACCOUNTANT,
+            "unit_of_privacy": client_dp.UNIT, "accountant": client_dp.ACCOUNTANT,
             "clipping_norm": profile.privacy.client_dp_clipping_norm,
             "points": [{k: round(v, 4) if k.startswith("auroc_") else v for k, v in row.items()}
-                       for row in client_dp.to_dict(orient="records")],  # epsilon without noise: null
+                       for row in results.client_dp_frontier.to_dict(orient="records")],  # epsilon without noise: null
         },
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
@@ -388,7 +398,7 @@ def summary(profile: Profile, experiment: MembershipExperiment, control: Members
             "attacks_on_dp_reference_pipelines": dp_attacks.to_dict(orient="records"),
             "any_attack_bound_violation": bool(dp_attacks.filter(like="violates_bound").to_numpy().any()),
         },
-        "secure_aggregation": secagg.summary(),
+        "secure_aggregation": results.secure_aggregation.summary(),
         # Kept (empty) for the report, which lists what stage 4 does not cover yet.
         "not_yet_measured": [],
     }

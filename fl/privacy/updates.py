@@ -18,7 +18,7 @@ from fl.data import PreprocessingSpec, SiteSplit
 from fl.evaluate import record_loss
 from fl.federated import (LocalResult, local_update, predict_logits, round_seed, weighted_average,
                           weights_difference)
-from fl.privacy import membership as mi
+from fl.privacy.membership import AttackResult, evaluate_attack
 from fl.privacy.reconstruction import partner_update
 from fl.train import TrainConfig
 
@@ -39,8 +39,8 @@ class UpdateAttack:
     server_round: int
     victim: str
     partner_recovery_error: float | None  # max |recovered - true| of the partner's model (two sites only)
-    server: mi.AttackResult  # position C: the site's own update
-    other_hospital: mi.AttackResult | None  # position D: the update recovered from the aggregate (two sites only)
+    server: AttackResult  # position C: the site's own update
+    other_hospital: AttackResult | None  # position D: the update recovered from the aggregate (two sites only)
 
 
 def replay_round(global_weights: list[np.ndarray], sites: dict[str, tuple[SiteSplit, SiteSplit]],
@@ -63,7 +63,7 @@ def attack_update(global_weights: list[np.ndarray], updates: dict[str, LocalResu
     features = spec.transform(pd.concat([train.features, test.features], ignore_index=True))
     labels = np.concatenate([train.labels, test.labels])
     members = np.r_[np.ones(len(train), bool), np.zeros(len(test), bool)]
-    server = mi.evaluate_attack(loss_drop_scores(global_weights, updates[victim].weights, features, labels), members)
+    server = evaluate_attack(loss_drop_scores(global_weights, updates[victim].weights, features, labels), members)
     if len(sites) != 2:
         # With more sites, subtracting one's own update leaves the sum of all the others, not the victim's.
         return UpdateAttack(server_round, victim, None, server, None)
@@ -73,5 +73,5 @@ def attack_update(global_weights: list[np.ndarray], updates: dict[str, LocalResu
     recovered = partner_update(aggregate, own.weights, own.num_examples, updates[victim].num_examples)
     error = weights_difference(recovered, updates[victim].weights)
     recovered32 = [r.astype(np.float32) for r in recovered]
-    other = mi.evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
+    other = evaluate_attack(loss_drop_scores(global_weights, recovered32, features, labels), members)
     return UpdateAttack(server_round, victim, error, server, other)
