@@ -17,6 +17,7 @@ machines.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -134,6 +135,12 @@ def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_di
                                      patient_dp=patient_dp)
 
 
+#: Flower's Ray engine: one CPU per site, quiet, and no Ray dashboard (fewer processes to start, so a
+#: loaded 2-core machine stays inside Ray's fixed 30 s wait for its node to come up).
+RAY_BACKEND_CONFIG = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                      "init_args": {"logging_level": "error", "log_to_driver": False, "include_dashboard": False}}
+
+
 class _WithoutRunSimulationDeprecation(logging.Filter):
     """Drops Flower's "`run_simulation` is deprecated" banner, printed at every call.
 
@@ -154,6 +161,8 @@ def run_simulation(**arguments) -> None:
     flower_logger.setLevel(logging.WARNING)
     quiet = _WithoutRunSimulationDeprecation()
     flower_logger.addFilter(quiet)
+    if "backend_config" in arguments:  # Flower adds keys to the dict it is given: never to RAY_BACKEND_CONFIG
+        arguments["backend_config"] = copy.deepcopy(arguments["backend_config"])
     try:
         flower_run_simulation(**arguments)
     finally:
@@ -184,8 +193,7 @@ def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir
         getattr(wrapped_client, kind)()(_with_run_config(default_client_app, config))
     wrapped_client.query("statistics")(_with_run_config(default_client_app, config))
     run_simulation(server_app=wrapped_server, client_app=wrapped_client, num_supernodes=len(site_dirs),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "error", "log_to_driver": False}})
+                   backend_config=RAY_BACKEND_CONFIG)
 
 
 def _with_run_config(app, config: dict):

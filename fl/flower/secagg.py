@@ -58,7 +58,8 @@ from fl.data import PreprocessingSpec
 from fl.federated import initial_weights, local_update, round_seed
 from fl.flower import protocol
 from fl.flower.client_app import local_split
-from fl.flower.engine import SERVER_NODE_ID, DirectGrid, direct_contexts, run_simulation, use_server_identity
+from fl.flower.engine import (RAY_BACKEND_CONFIG, SERVER_NODE_ID, DirectGrid, direct_contexts, run_simulation,
+                              use_server_identity)
 from fl.flower.ledger import ForwardingGrid
 from fl.flower.server_app import FederationError, local_train_config
 
@@ -301,8 +302,7 @@ def run(plan: FederationPlan, site_dirs: list[Path], secagg: SecAggSettings | No
         server(grid, Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config={}))
     elif engine == "ray":
         run_simulation(server_app=server, client_app=client, num_supernodes=len(site_dirs),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"logging_level": "error", "log_to_driver": False}})
+                       backend_config=RAY_BACKEND_CONFIG)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose direct or ray")
     missing = [r for r in range(1, plan.rounds + 1) if r not in record.aggregates]
