@@ -153,6 +153,34 @@ class _WithoutRunSimulationDeprecation(logging.Filter):
         return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
+def _start_ray(init_args: dict) -> None:
+    """Start Ray as Flower's Ray backend would, retrying once if the node misses Ray's start-up wait.
+
+    Ray waits a fixed 30 s for its node to register; on a loaded 2-core machine that wait can
+    expire before any work starts (seen twice in clean-clone test runs). Flower's backend uses a
+    Ray that is already running and shuts it down when the simulation ends.
+    """
+    import os
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)  # as Flower's backend: Ray's workers need the driver's path
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in (1, 2):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
+
+
 def run_simulation(**arguments) -> None:
     """Call Flower's `run_simulation` (its Ray engine) with Flower's logs at WARNING and no deprecation banner."""
     from flwr.simulation import run_simulation as flower_run_simulation
@@ -163,6 +191,7 @@ def run_simulation(**arguments) -> None:
     flower_logger.addFilter(quiet)
     if "backend_config" in arguments:  # Flower adds keys to the dict it is given: never to RAY_BACKEND_CONFIG
         arguments["backend_config"] = copy.deepcopy(arguments["backend_config"])
+    _start_ray(arguments.get("backend_config", {}).get("init_args", {}))
     try:
         flower_run_simulation(**arguments)
     finally:
