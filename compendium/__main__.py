@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compendium import artifacts
 from compendium.params import ParamsError, build_name, load_params, profile_path
-from compendium.stages import ALL_STAGES, BUILD_ROOT, StageError, mermaid, pipeline, run_stage
+from compendium.stages import ALL_STAGES, BUILD_ROOT, DATA_CARD_STAGE, StageError, mermaid, pipeline, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             data = f", data {profile.data}" if profile.data else ""
             print(f"params/{args.profile}.yaml is valid: sites {list(profile.sites)}, seed {profile.seed}{data}")
         else:
-            order = pipeline(args.data is not None or load_params(profile_path(args.profile)).data is not None)
-            position = f"{order.index(args.stage) + 1}/{len(order)}" if args.stage in order else "-"
+            # Stage 1's name tells which pipeline it is; later stages sit at the same place in both.
+            order = pipeline(provided=args.stage == DATA_CARD_STAGE)
+            position = f"{order.index(args.stage) + 1}/{len(order)}"
             print(f"[{position}] {args.stage}: {ALL_STAGES[args.stage].title} ({args.profile} profile)", flush=True)
             started = time.perf_counter()
             folder = run_stage(args.stage, args.profile, build_root=args.build_root, progress=not args.no_progress,
