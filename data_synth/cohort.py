@@ -332,9 +332,7 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
         **features,
     })
     frame["egfr"] = np.round(egfr_ckd_epi_2021(frame["creatinine"], frame["age"], frame["female"].astype(bool)), 1)
-    frame["charlson_index"] = vocab.CHARLSON_WEIGHTS["heart_failure"] + sum(
-        weight * frame[name] for name, weight in vocab.CHARLSON_WEIGHTS.items() if name != "heart_failure"
-    )
+    frame["charlson_index"] = frame.pop("charlson_index").astype(np.int8)
     frame["lace_score"] = lace_score(frame["los_days"], acute=np.ones(len(frame), bool),
                                      charlson=frame["charlson_index"], ed_visits=frame["ed_visits_180d"])
     frame[LABEL] = _readmitted(index, v_person, v_start, v_concept, v_from, inpatient)
@@ -397,15 +395,23 @@ def _visit_features(index, v_person, v_concept, v_start, v_from, inpatient) -> d
 
 
 def _condition_features(index: pd.DataFrame, conditions: pa.Table, spec: CohortSpec) -> dict[str, np.ndarray]:
+    """Return each comorbidity flag and the Charlson index from diagnoses in the look-back window up to discharge."""
     n = len(index)
     events, rows = _rows_of(index, conditions.column("person_id").to_numpy())
     day = _days(conditions.column("condition_start_date"))[events]
     in_window = (day <= index["discharge"].to_numpy()[rows]) & (day >= index["admit"].to_numpy()[rows] - spec.lookback_days)
     code = conditions.column("condition_source_value")
-    return {
-        name: (_count_per_index(rows, in_window & _codes_matching(code, vocab.COMORBIDITY_PREFIXES[name])[events], n) > 0).astype(np.int8)
-        for name in COMORBIDITIES
-    }
+
+    def has(prefixes: tuple[str, ...]) -> np.ndarray:
+        return _count_per_index(rows, in_window & _codes_matching(code, prefixes)[events], n) > 0
+
+    features = {name: has(vocab.COMORBIDITY_PREFIXES[name]).astype(np.int8) for name in COMORBIDITIES}
+    group = {name: np.ones(n, bool) if name == "heart_failure" else has(prefixes)
+             for name, (_weight, prefixes) in vocab.CHARLSON_GROUPS.items()}
+    for severe, mild in vocab.CHARLSON_SUPERSEDES.items():
+        group[mild] = group[mild] & ~group[severe]
+    features["charlson_index"] = sum(weight * group[name] for name, (weight, _) in vocab.CHARLSON_GROUPS.items())
+    return features
 
 
 def _lab_features(index: pd.DataFrame, measurements: pa.Table) -> dict[str, np.ndarray]:

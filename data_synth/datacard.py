@@ -6,8 +6,8 @@ Plots draw from these aggregates, not from raw rows.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,97 @@ def synthetic_vs_published(cohorts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("quantity")
 
 
+@dataclass(frozen=True)
+class PlausibilityCheck:
+    """One marginal or association of a site's cohort, the published figure it answers to, and its tolerance."""
+
+    what: str
+    published: str
+    source: str  # a key of docs/calibration.md "Sources"
+    low: float
+    high: float
+    measure: Callable[[pd.DataFrame], float]
+
+
+def _percent(mask: pd.Series, among: pd.Series | None = None) -> float:
+    among = pd.Series(True, index=mask.index) if among is None else among
+    return 100.0 * float(mask[among].mean()) if among.any() else float("nan")
+
+
+def _ef_class(cohort: pd.DataFrame) -> pd.Series:
+    return pd.cut(cohort["lvef"], [-np.inf, 40, 49, np.inf], labels=["HFrEF", "HFmrEF", "HFpEF"])
+
+
+def _index_year(cohort: pd.DataFrame) -> pd.Series:
+    return pd.to_datetime(cohort["index_discharge_date"]).dt.year
+
+
+def _lace_auroc(cohort: pd.DataFrame) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(cohort[LABEL], cohort["lace_score"])) if cohort[LABEL].nunique() == 2 else float("nan")
+
+
+#: The clinical plausibility table: what a clinician checks first, each held
+#: to a tolerance around its published figure (docs/calibration.md gives each
+#: source in full). tests/test_plausibility.py fails when the default profile
+#: drifts outside one.
+PLAUSIBILITY_CHECKS: tuple[PlausibilityCheck, ...] = (
+    PlausibilityCheck("age, median", "80 [71-87] register; 77 [69-84] SwedeHF", "S1", 75, 82,
+                      lambda c: float(c["age"].median())),
+    PlausibilityCheck("aged 100 or more, %", "just under 2,000 centenarians in Sweden (2016)", "S15", 0, 1,
+                      lambda c: _percent(c["age"] >= 100)),
+    PlausibilityCheck("women, %", "46.5% register; 38% SwedeHF", "S1", 35, 50, lambda c: _percent(c["female"] == 1)),
+    PlausibilityCheck("sodium, median mmol/L", "140 [137-142]", "S1", 138, 142, lambda c: float(c["sodium"].median())),
+    PlausibilityCheck("sodium, interquartile range mmol/L", "5 (137-142)", "S1", 3, 7,
+                      lambda c: float(c["sodium"].quantile(0.75) - c["sodium"].quantile(0.25))),
+    PlausibilityCheck("haemoglobin at discharge, median g/L", "119 [106-135]", "S1", 112, 128,
+                      lambda c: float(c["haemoglobin"].median())),
+    PlausibilityCheck("creatinine missing, %", "routine inpatient chemistry: almost always taken (assumption)", "-",
+                      0, 2, lambda c: _percent(c["creatinine"].isna())),
+    PlausibilityCheck("LVEF missing, %", "43% in Halland", "S2", 15, 50, lambda c: _percent(c["lvef"].isna())),
+    PlausibilityCheck("women among HFrEF, %", "29%", "S19", 20, 40,
+                      lambda c: _percent(c["female"] == 1, _ef_class(c) == "HFrEF")),
+    PlausibilityCheck("women among HFpEF, %", "55%", "S19", 45, 65,
+                      lambda c: _percent(c["female"] == 1, _ef_class(c) == "HFpEF")),
+    PlausibilityCheck("ischaemic heart disease, HFrEF minus HFpEF, points", "54% vs 42%: +12", "S19", 3, 25,
+                      lambda c: _percent(c["ischaemic_heart_disease"] == 1, _ef_class(c) == "HFrEF")
+                      - _percent(c["ischaemic_heart_disease"] == 1, _ef_class(c) == "HFpEF")),
+    PlausibilityCheck("LVEF missing, aged 85+ minus under 75, points", "older patients get fewer echoes (direction)", "-",
+                      5, 50, lambda c: _percent(c["lvef"].isna(), c["age"] >= 85) - _percent(c["lvef"].isna(), c["age"] < 75)),
+    PlausibilityCheck("SGLT2 inhibitor without coded diabetes before 2020, %", "no heart-failure use before DAPA-HF",
+                      "S21", 0, 2, lambda c: _percent(c["on_sglt2_inhibitor"] == 1, (c["diabetes"] == 0) & (_index_year(c) < 2020))),
+    PlausibilityCheck("ARNI with recorded LVEF above 40, %", "reimbursed for reduced EF only", "S22", 0, 1,
+                      lambda c: _percent(c["on_arni"] == 1, c["lvef"] > 40)),
+    PlausibilityCheck("ARNI without a recorded LVEF, %", "reimbursed for reduced EF only", "S22", 0, 1,
+                      lambda c: _percent(c["on_arni"] == 1, c["lvef"].isna())),
+    PlausibilityCheck("MRA, HFrEF minus HFpEF, points", "indicated in reduced EF (direction)", "S10", 5, 40,
+                      lambda c: _percent(c["on_mra"] == 1, _ef_class(c) == "HFrEF")
+                      - _percent(c["on_mra"] == 1, _ef_class(c) == "HFpEF")),
+    PlausibilityCheck("admitted in the prior year, %", "30-55%", "S1", 30, 55, lambda c: _percent(c["prior_admissions_365d"] > 0)),
+    PlausibilityCheck("30-day readmission, %", "20.3%", "S5", 15, 25, lambda c: _percent(c[LABEL] == 1)),
+    PlausibilityCheck("LACE, AUROC for the label", "C statistic 0.64 in heart failure", "S24", 0.55, 0.68, _lace_auroc),
+)
+
+
+def clinical_plausibility(cohorts: dict[str, pd.DataFrame],
+                          checks: Sequence[PlausibilityCheck] = PLAUSIBILITY_CHECKS) -> pd.DataFrame:
+    """Return each check by site next to its published figure, source and tolerance, with whether it holds.
+
+    Values are percentages, medians and differences of percentages over
+    whole sites: aggregates, not records.
+    """
+    rows = []
+    for check in checks:
+        values = {site: check.measure(cohort) for site, cohort in cohorts.items()}
+        row = {"check": check.what, "published": check.published, "source": check.source,
+               "tolerance": f"{check.low:g} to {check.high:g}"}
+        row.update({f"synthetic {site}": round(value, 2) for site, value in values.items()})
+        row["within tolerance"] = all(check.low <= value <= check.high for value in values.values())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("check")
+
+
 def age_sex_counts(cohorts: dict[str, pd.DataFrame], band: int = 5, age: str = "age",
                    female: str = "female") -> pd.DataFrame:
     """Return patients per site, sex and age band; small counts become NaN (not plotted)."""
@@ -206,6 +297,45 @@ def missingness(cohorts: dict[str, pd.DataFrame], features: Sequence[Feature] = 
     table = missing / sizes
     small = is_small(missing.to_numpy()) | is_small((sizes.to_numpy() - missing.to_numpy()))
     return table.mask(small).loc[missing.max(axis=1) > 0]
+
+
+#: Age bands of the missingness-by-age figure, [low, high) years.
+MISSINGNESS_AGE_BANDS = ((18, 65), (65, 75), (75, 85), (85, 120))
+
+
+def missingness_by_age(cohorts: dict[str, pd.DataFrame], labs: Sequence[str] = ("lvef", "nt_probnp"),
+                       bands: Sequence[tuple[int, int]] = MISSINGNESS_AGE_BANDS) -> pd.DataFrame:
+    """Return the share of index stays missing each lab by site and age band (missing not at random).
+
+    A share whose count of missing (or of present) values is under 5 is NaN: not shown.
+    """
+    rows = []
+    for site, cohort in cohorts.items():
+        for low, high in bands:
+            in_band = cohort[(cohort["age"] >= low) & (cohort["age"] < high)]
+            for lab in labs:
+                missing, size = int(in_band[lab].isna().sum()), len(in_band)
+                share = np.nan if is_small(missing) or is_small(size - missing) else missing / size
+                rows.append({"site": site, "age band": f"{low}-{high - 1}" if high < 120 else f"{low}+",
+                             "lab": lab, "missing": share})
+    return pd.DataFrame(rows)
+
+
+def plot_missingness_by_age(table: pd.DataFrame):
+    """Return a line plot of the share of stays missing each lab, by age band, one panel per lab."""
+    import matplotlib.pyplot as plt
+
+    labs = list(dict.fromkeys(table["lab"]))
+    fig, axes = plt.subplots(1, len(labs), figsize=(4.2 * len(labs), 3.2), sharey=True, squeeze=False)
+    for ax, lab in zip(axes[0], labs):
+        for site, rows in table[table["lab"] == lab].groupby("site", sort=False):
+            ax.plot(rows["age band"], 100 * rows["missing"], marker="o", label=site)
+        ax.set_title(f"{lab} not recorded")
+        ax.set_xlabel("age (years)")
+    axes[0][0].set_ylabel("% of index stays")
+    axes[0][0].legend(frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def code_frequency(omop_dirs: dict[str, Path], top: int = 12) -> pd.DataFrame:

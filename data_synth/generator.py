@@ -98,8 +98,12 @@ class Logistic:
 #: sex"; the size is an assumption): years added to a woman's mean age,
 #: relative to the site's female share so the site's median age holds.
 WOMEN_OLDER_BY_YEARS = 2.0
-#: Ages are drawn normal around the site's median and clipped to this range.
-AGE_RANGE_YEARS = (40, 104)
+#: Ages are left-skewed as in the register (80 [71-87], docs/calibration.md
+#: "Age and sex"): AGE_OLDEST_YEARS minus a gamma draw whose median and SD
+#: give the site's age_median and age_sd (about 72-80-87 at Halland; 0.2% aged
+#: 100 or more, where a normal draw gave 3.5%), then clipped to AGE_RANGE_YEARS.
+AGE_OLDEST_YEARS = 106.0
+AGE_RANGE_YEARS = (40, 105)
 #: Age enters the models below in decades from 80 (the register median).
 AGE_CENTRE_YEARS = 80.0
 AGE_DECADE_YEARS = 10.0
@@ -114,9 +118,20 @@ COMORBIDITY_AGE_SLOPE: dict[str, float] = {
     name: {"dementia": 0.6, "atrial_fibrillation": 0.3, "cancer": 0.2, "psychiatric": -0.2}.get(name, 0.0)
     for name in COMORBIDITIES
 }
-#: Share of women moved to preserved EF on top of the site's EF classes
-#: (women more often have HFpEF; assumption on the size).
-WOMEN_EXTRA_HFPEF = 0.12
+#: EF class follows the phenotype (docs/calibration.md "Ejection fraction"):
+#: log-odds of HFpEF against HFrEF per predictor, HFmrEF half-way. Women,
+#: age, AF and hypertension go with preserved EF, ischaemic heart disease
+#: with reduced EF (SwedeHF: women 29/39/55%, age 72/74/77, coronary disease
+#: 54/53/42% in HFrEF/HFmrEF/HFpEF). Predictors are centred on the site's
+#: shares so that the site's EF classes hold on average.
+EF_PRESERVED_EFFECTS: dict[str, float] = {
+    "female": 1.1, "age_decades": 0.4, "ischaemic_heart_disease": -0.5, "atrial_fibrillation": 0.5,
+    "hypertension": 0.3,
+}
+EF_MILDLY_REDUCED_FRACTION = 0.5
+#: Frailty rises with age: its correlation with age (assumption on the size;
+#: direction docs/calibration.md "Readmission risk").
+FRAILTY_AGE_CORRELATION = 0.3
 #: LVEF (%) drawn uniformly inside each EF class, [low, high): HFrEF up to 40,
 #: HFmrEF 41-49, HFpEF 50 and above (ESC 2021 definitions, docs/calibration.md "Ejection fraction").
 LVEF_RANGES = ((15, 41), (41, 50), (50, 71))
@@ -131,7 +146,7 @@ TRUE_LABS: dict[str, TrueValue] = {
     "creatinine": TrueValue(95, {"renal_failure": 0.45, "frailty": 0.08, "female": -0.12}, 0.26, log=True),
     "sodium": TrueValue(140.0, {"frailty": -0.9}, 2.6),
     "potassium": TrueValue(4.2, {"renal_failure": 0.15, "frailty": 0.05}, 0.42),
-    "haemoglobin": TrueValue(130.0, {"female": -7.0, "frailty": -5.0, "renal_failure": -8.0}, 17),
+    "haemoglobin": TrueValue(125.0, {"female": -7.0, "frailty": -5.0, "renal_failure": -8.0}, 19),
     "systolic_bp": TrueValue(128.0, {"hfref": -8.0, "frailty": -4.0}, 19),
 }
 #: Use of care before the index stay (docs/calibration.md "Utilisation"):
@@ -145,24 +160,29 @@ OLDER_ADMISSIONS = CountModel(0.1, {"frailty": 0.4}, cap=15)
 LENGTH_OF_STAY = TrueValue(None, {"frailty": 0.15}, 0.62, log=True)
 LENGTH_OF_STAY_RANGE_DAYS = (1, 60)
 #: Discharge prescriptions (SwedeHF rates, docs/calibration.md "Drugs at
-#: discharge"); fewer RAS inhibitors and MRAs with poor renal function, more
-#: loop diuretics with frailty (assumed sizes).
+#: discharge"): the guideline-directed drugs (RAS inhibition, beta-blocker,
+#: MRA) are indicated in reduced EF and used less in preserved EF; fewer RAS
+#: inhibitors and MRAs with poor renal function, more loop diuretics with
+#: frailty (sizes are assumptions). Rates are for a patient with the
+#: predictors at zero (mildly reduced EF).
 DISCHARGE_DRUGS: dict[str, Logistic] = {
-    "ras_or_arni": Logistic(0.80, {"egfr_below_30": -1.0, "age_over_88": -0.3}),
-    "mra": Logistic(0.40, {"hfref": 0.6, "egfr_below_30": -1.0, "potassium_above_5": -0.8}),
+    "ras_or_arni": Logistic(0.80, {"hfref": 0.6, "hfpef": -0.5, "egfr_below_30": -1.0, "age_over_88": -0.3}),
+    "beta_blocker": Logistic(0.85, {"hfref": 0.5, "hfpef": -0.4}),
+    "mra": Logistic(0.40, {"hfref": 0.6, "hfpef": -0.4, "egfr_below_30": -1.0, "potassium_above_5": -0.8}),
     "loop_diuretic": Logistic(0.80, {"frailty": 0.3}),
 }
-BETA_BLOCKER_RATE = 0.85
-#: ARNI (sacubitril/valsartan) replaces part of the RAS inhibition, from this
-#: year on, more often in HFrEF (its indication): the site's ARNI share times
-#: these factors (assumptions).
+#: ARNI (sacubitril/valsartan) replaces part of the RAS inhibition in reduced
+#: EF recorded at the stay only (its indication and its subsidy: an EF must
+#: be measured), from this year on: the site's
+#: ARNI share among HFrEF patients on RAS inhibition times this factor.
 ARNI_FIRST_YEAR = 2017
-ARNI_SHARE_FACTOR_HFREF, ARNI_SHARE_FACTOR_OTHER = 1.6, 0.4
-#: SGLT2 inhibitors by index year (SwedeHF: about 10% before 2020, about 50%
-#: from 2022; the study window ends in 2021), more with diabetes (their first
-#: indication; assumed size).
-SGLT2_RATE_TO_2019, SGLT2_RATE_2020, SGLT2_RATE_FROM_2021 = 0.08, 0.20, 0.35
-SGLT2_DIABETES_EXTRA = 0.15
+ARNI_SHARE_FACTOR_HFREF = 1.6
+#: SGLT2 inhibitors: for diabetes throughout (rate by index year, assumption);
+#: for heart failure without diabetes only in reduced EF and only after
+#: DAPA-HF (November 2019) and the EU approval (5 November 2020): none before
+#: 2020. SwedeHF: about 10% overall before 2020, about 50% from 2022.
+SGLT2_DIABETES_RATE: dict[int, float] = {2016: 0.10, 2017: 0.15, 2018: 0.20, 2019: 0.25, 2020: 0.35, 2021: 0.45}
+SGLT2_HFREF_RATE: dict[int, float] = {2020: 0.15, 2021: 0.40}
 
 # ---------------------------------------------------------------- the course after the index stay
 #: Death in hospital: the site's rate (SiteProfile.in_hospital_death), higher with frailty.
@@ -195,6 +215,10 @@ FOLLOW_UP_VISITS: dict[str, tuple[int, int]] = {
     "planned": (vocab.VISIT_INPATIENT, vocab.ADMITTED_FROM_HOME),
     "ed_after": (vocab.VISIT_EMERGENCY, vocab.ADMITTED_FROM_HOME),
 }
+#: Death within 30 days of discharge, the competing risk of the label
+#: (docs/calibration.md "Discharge outcomes"), on a day drawn uniformly.
+EARLY_DEATH = Logistic(0.06, {"frailty": 0.6, "age_decades": 0.5})
+EARLY_DEATH_DAYS = (1, 31)
 #: Death after discharge, within a year of the patient's last visit (assumption).
 LATER_DEATH = Logistic(0.15, {"frailty": 0.7, "age_decades": 0.4})
 LATER_DEATH_DAYS_AFTER = (1, 366)
@@ -203,6 +227,11 @@ LATER_DEATH_DAYS_AFTER = (1, 366)
 #: A present comorbidity coded at an earlier admission: this share of the
 #: site's coding completeness (assumption).
 HISTORY_CODING_FACTOR = 0.35
+#: Share of admissions before the study window with heart failure as the main
+#: diagnosis: as among readmissions after a heart-failure stay (35%,
+#: docs/calibration.md "Readmission"). Coded only by sites' habits that code
+#: the index stay as heart failure too.
+HF_SHARE_OF_EARLIER_ADMISSIONS = 0.35
 #: Heart failure coded as a secondary diagnosis at admissions in the prior year (assumption).
 KNOWN_HF_AT_PRIOR_ADMISSION = 0.6
 #: Share of unplanned admissions after discharge whose main diagnosis is
@@ -211,13 +240,34 @@ KNOWN_HF_AT_PRIOR_ADMISSION = 0.6
 HF_SHARE_OF_READMISSIONS = 0.6
 HF_SHARE_OF_LATER_ADMISSIONS = 0.5
 #: Lab value at admission relative to the true value at discharge: patients
-#: arrive congested (higher NT-proBNP, lower sodium; assumed sizes).
+#: arrive congested (higher NT-proBNP, lower sodium) and diluted, so
+#: haemoglobin rises with decongestion (haemoconcentration in about half of
+#: stays, docs/calibration.md "Laboratory values"); the sizes are assumptions.
 ADMISSION_FACTOR: dict[str, float] = {
     "nt_probnp": 1.45, "creatinine": 1.05, "sodium": 0.995, "potassium": 1.0,
-    "haemoglobin": 1.02, "systolic_bp": 1.08, "lvef": 1.0,
+    "haemoglobin": 0.98, "systolic_bp": 1.08, "lvef": 1.0,
 }
-#: Relative measurement noise (SD) at admission, at discharge and at earlier admissions.
-ADMISSION_NOISE_SD, DISCHARGE_NOISE_SD, HISTORY_NOISE_SD = 0.06, 0.03, 0.1
+#: Relative measurement variation (SD; analytical plus day-to-day within-person)
+#: of each analyte, docs/calibration.md "Laboratory values": electrolytes are
+#: held in a narrow band (sodium about 0.6%), potassium, creatinine and
+#: haemoglobin a few per cent, natriuretic peptides far more.
+MEASUREMENT_CV: dict[str, float] = {
+    "nt_probnp": 0.20, "creatinine": 0.06, "sodium": 0.007, "potassium": 0.05,
+    "haemoglobin": 0.03, "systolic_bp": 0.08, "lvef": 0.0,
+}
+#: Values copied from earlier admissions vary this many times more (older, other conditions; assumption).
+HISTORY_CV_FACTOR = 2.0
+#: Missing echocardiography and NT-proBNP depend on the patient: older,
+#: frailer and demented patients are examined less (docs/calibration.md
+#: "Laboratory values"; sizes are assumptions). Log-odds of missing per decade
+#: of age, per SD of frailty, and with dementia; the site's rate holds on average.
+LAB_MISSING_EFFECTS: dict[str, dict[str, float]] = {
+    "lvef": {"age_decades": 0.5, "frailty": 0.3, "dementia": 1.0},
+    "nt_probnp": {"age_decades": 0.3, "frailty": 0.2, "dementia": 0.5},
+}
+#: Approximate variance of each shift above (age SD about 1.1 decades,
+#: dementia about 6%), for holding the marginal rate.
+LAB_MISSING_SHIFT_VARIANCE: dict[str, float] = {"lvef": 0.5**2 * 1.2 + 0.3**2 + 0.06, "nt_probnp": 0.3**2 * 1.2 + 0.2**2 + 0.015}
 #: Echocardiography on day 0 to ECHO_WITHIN_DAYS - 1 of the stay (not after discharge).
 ECHO_WITHIN_DAYS = 4
 #: Labs recorded at earlier admissions, and at the readmission (a leakage trap).
@@ -234,6 +284,17 @@ DRUG_STARTED_DAYS_BEFORE = (30, 300)
 #: 1 / 1.7**2: a logistic-normal mean is close to the logistic of the mean
 #: scaled by sqrt(1 + this * variance) (the probit approximation).
 _LOGISTIC_NORMAL_FACTOR = 0.346
+
+
+def _death_before_readmission() -> float:
+    """Return P(an early death's day is on or before the readmission's day), both drawn as in _draw_course."""
+    death_day = np.arange(*EARLY_DEATH_DAYS)
+    # Readmission day 1 + floor(30 B), B ~ Beta(1, b): P(day >= d) = P(B >= (d - 1) / 30) = (1 - (d - 1) / 30) ** b.
+    later = (1 - (death_day - 1) / 30.0) ** READMISSION_DAY_BETA[1]
+    return float(later.mean()) if READMISSION_DAY_BETA[0] == 1.0 else float("nan")
+
+
+_DEATH_BEFORE_READMISSION = _death_before_readmission()
 
 
 def _days(date: dt.date) -> int:
@@ -334,14 +395,38 @@ _PLANNED_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.PLANNED_A
 _HF_SECONDARY_IDX = _CONDITION_INDEX["I50.9"]
 
 
-def _condition_codes_for(rng: np.random.Generator, name: str, n: int) -> np.ndarray:
-    codes = np.array([_CONDITION_INDEX[code] for code in vocab.COMORBIDITY_CODES[name]], np.int32)
-    return codes[_pick(rng, n, codes.size)]
+def _condition_codes_for(rng: np.random.Generator, name: str, female: np.ndarray) -> np.ndarray:
+    """Return one code for `name` per patient, never one of the other sex's codes (vocabulary.SEX_SPECIFIC_CODES)."""
+    codes = vocab.COMORBIDITY_CODES[name]
+    u = rng.random(female.shape[0])
+    by_sex = []
+    for sex in ("female", "male"):
+        allowed = np.array([_CONDITION_INDEX[code] for code in codes
+                            if vocab.SEX_SPECIFIC_CODES.get(code, sex) == sex], np.int32)
+        by_sex.append(allowed[np.minimum((u * allowed.size).astype(np.int64), allowed.size - 1)])
+    return np.where(female, *by_sex).astype(np.int32)
 
 
-def _other_causes(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Return n main diagnoses of admissions for causes other than heart failure."""
-    return _OTHER_CODE_IDX[_pick(rng, n, _OTHER_CODE_IDX.size)]
+_OTHER_WEIGHTS = np.array([weight for weight, _ in vocab.OTHER_ADMISSION_CAUSES.values()])
+_OTHER_CUMULATIVE = np.cumsum(_OTHER_WEIGHTS / _OTHER_WEIGHTS.sum())[:-1]
+_OTHER_FREE = np.array([requires is None for _, requires in vocab.OTHER_ADMISSION_CAUSES.values()])
+_OTHER_FREE_CUMULATIVE = np.cumsum(_OTHER_WEIGHTS[_OTHER_FREE] / _OTHER_WEIGHTS[_OTHER_FREE].sum())[:-1]
+
+
+def _other_causes(rng: np.random.Generator, who: np.ndarray, comorbidity: dict[str, np.ndarray]) -> np.ndarray:
+    """Return one main diagnosis for a cause other than heart failure per visit of patients `who`.
+
+    Causes come at their relative frequencies (vocabulary.OTHER_ADMISSION_CAUSES);
+    one that needs a comorbidity the patient lacks is replaced by a cause that needs none.
+    """
+    n = who.shape[0]
+    cause = np.searchsorted(_OTHER_CUMULATIVE, rng.random(n), side="right")
+    free = np.flatnonzero(_OTHER_FREE)[np.searchsorted(_OTHER_FREE_CUMULATIVE, rng.random(n), side="right")]
+    allowed = _OTHER_FREE[cause]
+    for k, (_, requires) in enumerate(vocab.OTHER_ADMISSION_CAUSES.values()):
+        if requires is not None:
+            allowed = allowed | ((cause == k) & comorbidity[requires][who])
+    return _OTHER_CODE_IDX[np.where(allowed, cause, free)]
 
 
 def _drug_codes_for(rng: np.random.Generator, drug_class: str, n: int) -> np.ndarray:
@@ -369,7 +454,10 @@ class _Patients:
     older_admissions: np.ndarray
     true_labs: dict[str, np.ndarray]  # keyed by vocabulary.LAB_LOINC: what each lab would measure
     on_drug: dict[str, np.ndarray]  # keyed by vocabulary.DRUG_ATC: prescribed at discharge
-    true_risk: np.ndarray
+    echo_recorded: np.ndarray  # an LVEF is recorded at the index stay
+    readmission_risk: np.ndarray  # 30-day readmission risk if the patient lives
+    early_death_probability: np.ndarray  # death within 30 days of discharge
+    true_risk: np.ndarray  # readmission within 30 days, death competing
 
     @property
     def count(self) -> int:
@@ -381,6 +469,8 @@ class _Course:
     """How each index stay ends, and which visits follow discharge (FOLLOW_UP_VISITS kinds)."""
 
     died: np.ndarray
+    #: day after discharge of a death within 30 days (the competing risk), 0 for none
+    early_death_day: np.ndarray
     transferred: np.ndarray
     against_advice: np.ndarray
     hf_main_diagnosis: np.ndarray
@@ -471,15 +561,17 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
     """Return who the patients are, their true state at index discharge and their true risk."""
     female = rng.random(n) < profile.female_fraction
     mean_age = profile.age_median + WOMEN_OLDER_BY_YEARS * (female - profile.female_fraction)
-    age = np.clip(rng.normal(mean_age, profile.age_sd, n), *AGE_RANGE_YEARS)
-    frailty = rng.standard_normal(n)
+    shape, scale = _age_gamma(profile.age_median, profile.age_sd)
+    age = np.clip(mean_age - profile.age_median + AGE_OLDEST_YEARS - rng.gamma(shape, scale, n), *AGE_RANGE_YEARS)
+    age_z = (age - profile.age_median) / profile.age_sd
+    frailty = FRAILTY_AGE_CORRELATION * age_z + np.sqrt(1 - FRAILTY_AGE_CORRELATION**2) * rng.standard_normal(n)
     index_start = rng.integers(_days(STUDY_START), _days(STUDY_END) + 1, size=n)
     birth = index_start - np.floor(age * 365.25).astype(np.int64) - rng.integers(0, 365, size=n)
     age_decades = (age - AGE_CENTRE_YEARS) / AGE_DECADE_YEARS
     comorbidity = _draw_comorbidities(rng, profile, frailty, age_decades)
-    ef_class = _draw_ef_class(rng, profile, female)
+    ef_class = _draw_ef_class(rng, profile, {"female": female, "age_decades": age_decades, **comorbidity})
     predictors = {"female": female, "frailty": frailty, "age_decades": age_decades, "hfref": ef_class == 0,
-                  **comorbidity}
+                  "hfpef": ef_class == 2, **comorbidity}
     true_labs = {lab: _draw_true_value(rng, model, predictors, n) for lab, model in TRUE_LABS.items()}
     lvef_by_class = [rng.integers(low, high, n) for low, high in LVEF_RANGES]
     true_labs["lvef"] = np.choose(ef_class, lvef_by_class).astype(float)
@@ -493,6 +585,8 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
 
     predictors.update(egfr_below_30=egfr < 30, age_over_88=age > 88, potassium_above_5=true_labs["potassium"] > 5.0)
     index_year = np.array(index_start, dtype="datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
+    echo_recorded = ~_draw_lab_missing(rng, profile, "lvef", predictors)
+    predictors["echo_recorded"] = echo_recorded
     on_drug, on_ras_or_arni = _draw_discharge_drugs(rng, profile, predictors, index_year)
 
     state = PatientState(
@@ -502,11 +596,27 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
         egfr=egfr, on_ras_or_arni=on_ras_or_arni, on_beta_blocker=on_drug["beta_blocker"],
         on_mra=on_drug["mra"], unrecorded_risk=rng.standard_normal(n),
     )
+    readmission_risk = sigmoid(readmission_logit(state, profile.readmission_logit_shift))
+    early_death_probability = _probability(EARLY_DEATH, predictors)
     return _Patients(
         state=state, age_decades=age_decades, birth=birth, index_start=index_start, index_end=index_start + los,
-        older_admissions=older_admissions, true_labs=true_labs, on_drug=on_drug,
-        true_risk=sigmoid(readmission_logit(state, profile.readmission_logit_shift)),
+        older_admissions=older_admissions, true_labs=true_labs, on_drug=on_drug, echo_recorded=echo_recorded,
+        readmission_risk=readmission_risk, early_death_probability=early_death_probability,
+        true_risk=readmission_risk * (1 - early_death_probability * _DEATH_BEFORE_READMISSION),
     )
+
+
+def _age_gamma(median: float, sd: float) -> tuple[float, float]:
+    """Return the gamma shape and scale of AGE_OLDEST_YEARS - age for a given median and SD of age."""
+    gap = AGE_OLDEST_YEARS - median
+    if gap <= 0:
+        raise ValueError(f"age_median must be below {AGE_OLDEST_YEARS} years, got {median}")
+    # Gamma median ~ scale * (shape - 1/3) (Choi 1994); SD = sqrt(shape) * scale.
+    # Solve gap = sd * (shape - 1/3) / sqrt(shape) for sqrt(shape).
+    ratio = gap / sd
+    root = (ratio + np.sqrt(ratio**2 + 4.0 / 3.0)) / 2.0
+    shape = root**2
+    return float(shape), float(sd / root)
 
 
 def _draw_comorbidities(rng: np.random.Generator, profile: SiteProfile, frailty: np.ndarray,
@@ -522,11 +632,18 @@ def _draw_comorbidities(rng: np.random.Generator, profile: SiteProfile, frailty:
     return comorbidity
 
 
-def _draw_ef_class(rng: np.random.Generator, profile: SiteProfile, female: np.ndarray) -> np.ndarray:
-    """Return each patient's EF class (0 HFrEF, 1 HFmrEF, 2 HFpEF) at the site's shares; women more often HFpEF."""
-    n = female.shape[0]
-    ef_class = np.searchsorted(np.cumsum(np.asarray(profile.ef_class_probs))[:-1], rng.random(n), side="right")
-    return np.where(female & (rng.random(n) < WOMEN_EXTRA_HFPEF), 2, ef_class)
+def _draw_ef_class(rng: np.random.Generator, profile: SiteProfile, predictors: dict[str, np.ndarray]) -> np.ndarray:
+    """Return each patient's EF class (0 HFrEF, 1 HFmrEF, 2 HFpEF) near the site's shares, by phenotype."""
+    n = predictors["female"].shape[0]
+    expected = {"female": profile.female_fraction, "age_decades": (profile.age_median - AGE_CENTRE_YEARS) / AGE_DECADE_YEARS,
+                **profile.comorbidity_prevalence}
+    preserved = sum(effect * (predictors[name] - expected[name]) for name, effect in EF_PRESERVED_EFFECTS.items())
+    shares = np.asarray(profile.ef_class_probs)
+    scores = np.log(np.clip(shares, 1e-9, None) / max(shares[0], 1e-9))[:, None] + np.stack(
+        [np.zeros(n), EF_MILDLY_REDUCED_FRACTION * preserved, preserved])
+    probs = np.exp(scores - scores.max(axis=0))
+    cumulative = np.cumsum(probs / probs.sum(axis=0), axis=0)
+    return (rng.random(n) > cumulative[:-1]).sum(axis=0)
 
 
 def _draw_discharge_drugs(rng: np.random.Generator, profile: SiteProfile, predictors: dict[str, np.ndarray],
@@ -534,14 +651,18 @@ def _draw_discharge_drugs(rng: np.random.Generator, profile: SiteProfile, predic
     """Return who is prescribed each drug class at discharge, and who gets RAS inhibition or ARNI."""
     n = index_year.shape[0]
     on_ras_or_arni = rng.random(n) < _probability(DISCHARGE_DRUGS["ras_or_arni"], predictors)
-    arni_share = profile.arni_share * np.where(predictors["hfref"], ARNI_SHARE_FACTOR_HFREF, ARNI_SHARE_FACTOR_OTHER)
+    arni_share = profile.arni_share * ARNI_SHARE_FACTOR_HFREF * (predictors["hfref"] & predictors["echo_recorded"])
     arni = on_ras_or_arni & (rng.random(n) < arni_share) & (index_year >= ARNI_FIRST_YEAR)
-    on_beta_blocker = rng.random(n) < BETA_BLOCKER_RATE
+    on_beta_blocker = rng.random(n) < _probability(DISCHARGE_DRUGS["beta_blocker"], predictors)
     on_mra = rng.random(n) < _probability(DISCHARGE_DRUGS["mra"], predictors)
     on_loop = rng.random(n) < _probability(DISCHARGE_DRUGS["loop_diuretic"], predictors)
-    sglt2_rate = np.select([index_year <= 2019, index_year == 2020], [SGLT2_RATE_TO_2019, SGLT2_RATE_2020],
-                           SGLT2_RATE_FROM_2021)
-    on_sglt2 = rng.random(n) < np.clip(sglt2_rate + SGLT2_DIABETES_EXTRA * predictors["diabetes"], 0, 1)
+    year = np.clip(index_year, STUDY_START.year, STUDY_END.year)
+    diabetes_rate = np.array([SGLT2_DIABETES_RATE[y] for y in range(STUDY_START.year, STUDY_END.year + 1)])
+    hfref_rate = np.array([SGLT2_HFREF_RATE.get(y, 0.0) for y in range(STUDY_START.year, STUDY_END.year + 1)])
+    by_year = year - STUDY_START.year
+    sglt2_rate = np.where(predictors["diabetes"], diabetes_rate[by_year],
+                          np.where(predictors["hfref"], hfref_rate[by_year], 0.0))
+    on_sglt2 = rng.random(n) < sglt2_rate
     on_drug = {
         "loop_diuretic": on_loop, "ace_inhibitor_or_arb": on_ras_or_arni & ~arni, "arni": arni,
         "beta_blocker": on_beta_blocker, "mra": on_mra, "sglt2_inhibitor": on_sglt2,
@@ -558,15 +679,21 @@ def _draw_course(rng: np.random.Generator, profile: SiteProfile, patients: _Pati
     transferred = ~died & (ends < p_death + profile.transfer_out)
     against_advice = ~died & ~transferred & (ends < p_death + profile.transfer_out + profile.against_advice)
     hf_main_diagnosis = rng.random(n) < profile.hf_main_diagnosis
-    readmitted = ~died & (rng.random(n) < patients.true_risk)
+    # Death within 30 days of discharge competes with readmission: a patient
+    # who dies first is not readmitted (and has no later visit).
+    early_death = ~died & (rng.random(n) < patients.early_death_probability)
+    early_death_day = np.where(early_death, rng.integers(*EARLY_DEATH_DAYS, n), 0)
     readmission_day = 1 + np.floor(30 * rng.beta(*READMISSION_DAY_BETA, n)).astype(np.int64)
-    later_admission = ~died & ~readmitted & (rng.random(n) < LATER_ADMISSION_RATE)
+    readmitted = (~died & (rng.random(n) < patients.readmission_risk)
+                  & (~early_death | (readmission_day < early_death_day)))
+    alive = ~died & ~early_death
+    later_admission = alive & ~readmitted & (rng.random(n) < LATER_ADMISSION_RATE)
     later_day = rng.integers(*LATER_ADMISSION_DAYS, n)
-    planned = ~died & (rng.random(n) < profile.planned_readmission)
+    planned = alive & (rng.random(n) < profile.planned_readmission)
     planned_day = rng.integers(*PLANNED_ADMISSION_DAYS, n)
-    ed_after = ~died & (rng.random(n) < ED_AFTER_DISCHARGE_RATE)
+    ed_after = alive & (rng.random(n) < ED_AFTER_DISCHARGE_RATE)
     ed_after_day = rng.integers(*ED_AFTER_DISCHARGE_DAYS, n)
-    return _Course(died, transferred, against_advice, hf_main_diagnosis, follow_up={
+    return _Course(died, early_death_day, transferred, against_advice, hf_main_diagnosis, follow_up={
         "readmission": (readmitted, readmission_day), "later_admission": (later_admission, later_day),
         "planned": (planned, planned_day), "ed_after": (ed_after, ed_after_day),
     })
@@ -623,10 +750,13 @@ def _draw_deaths(rng: np.random.Generator, patients: _Patients, course: _Course,
     for kind in FOLLOW_UP_VISITS:
         np.maximum.at(last_event_end, visits[kind].who, visits[kind].end)
     predictors = {"frailty": patients.state.frailty, "age_decades": patients.age_decades}
-    dies_later = ~course.died & (rng.random(n) < _probability(LATER_DEATH, predictors))
+    early = course.early_death_day > 0
+    dies_later = ~course.died & ~early & (rng.random(n) < _probability(LATER_DEATH, predictors))
     death_date = np.where(course.died, patients.index_end,
                           last_event_end + rng.integers(*LATER_DEATH_DAYS_AFTER, n))
-    has_death = course.died | dies_later
+    # A death within 30 days falls on its day, or at the end of a readmission that began before it.
+    death_date = np.where(early, np.maximum(patients.index_end + course.early_death_day, last_event_end), death_date)
+    has_death = course.died | early | dies_later
     return {"person": np.flatnonzero(has_death), "death_date": death_date[has_death]}
 
 
@@ -640,32 +770,45 @@ def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _
     hf_choice = np.searchsorted(np.cumsum(hf_weights / hf_weights.sum())[:-1], rng.random(n), side="right")
     hf_code = _HF_CODE_IDX[hf_choice.astype(np.int32)]
     # Index stay: main diagnosis heart failure, or another cause with heart failure secondary.
-    other_main = _other_causes(rng, n)
+    comorbidity = patients.state.comorbidity
+    other_main = _other_causes(rng, index.who, comorbidity)
     diagnose(index, vocab.CONDITION_PRIMARY, np.where(course.hf_main_diagnosis, hf_code, other_main))
     secondary = ~course.hf_main_diagnosis
     diagnose(index.subset(secondary), vocab.CONDITION_SECONDARY, hf_code[secondary])
     history = (visits["prior_admission"], visits["older_admission"])
+    female = patients.state.female
     for name in COMORBIDITIES:
         present = patients.state.comorbidity[name]
         coded = present & (rng.random(n) < profile.comorbidity_coding_completeness)
-        diagnose(index.subset(coded), vocab.CONDITION_SECONDARY, _condition_codes_for(rng, name, int(coded.sum())))
+        diagnose(index.subset(coded), vocab.CONDITION_SECONDARY, _condition_codes_for(rng, name, female[coded]))
         # Coded at earlier admissions too, which a builder with a look-back finds.
         for group in history:
             completeness = HISTORY_CODING_FACTOR * profile.comorbidity_coding_completeness
             again = present[group.who] & (rng.random(group.who.shape[0]) < completeness)
             diagnose(group.subset(again), vocab.CONDITION_SECONDARY,
-                     _condition_codes_for(rng, name, int(again.sum())))
-    for group in (*history, visits["ed_before"]):
-        diagnose(group, vocab.CONDITION_PRIMARY, _other_causes(rng, group.who.shape[0]))
+                     _condition_codes_for(rng, name, female[group.who[again]]))
+    # Earlier heart-failure hospitalisations: an admission before the study
+    # window may have heart failure as its main diagnosis (one inside the
+    # window would itself be the patient's first index stay).
+    before_window = _days(STUDY_START)
+    hf_main_before = {}
+    for kind, group in zip(("prior_admission", "older_admission"), history):
+        hf_main = ((group.start < before_window) & (rng.random(group.who.shape[0]) < HF_SHARE_OF_EARLIER_ADMISSIONS)
+                   & course.hf_main_diagnosis[group.who])
+        hf_main_before[kind] = hf_main
+        diagnose(group, vocab.CONDITION_PRIMARY,
+                 np.where(hf_main, hf_code[group.who], _other_causes(rng, group.who, comorbidity)))
+    diagnose(visits["ed_before"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_before"].who, comorbidity))
     prior = visits["prior_admission"]
-    known_hf = rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION
+    known_hf = (rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION) & ~hf_main_before["prior_admission"]
     diagnose(prior.subset(known_hf), vocab.CONDITION_SECONDARY, np.int32(_HF_SECONDARY_IDX))
-    _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis)
+    _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis, female, comorbidity)
     return diagnoses.rows.concat()
 
 
 def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visits: dict[str, _VisitGroup],
-                        hf_code: np.ndarray, hf_main_diagnosis: np.ndarray) -> None:
+                        hf_code: np.ndarray, hf_main_diagnosis: np.ndarray, female: np.ndarray,
+                        comorbidity: dict[str, np.ndarray]) -> None:
     """Add the main diagnoses of the visits after discharge (and the readmission's leakage trap)."""
     # Patients whose index stay was not coded as heart failure stay out of the
     # cohort: their later stays are coded as other causes too.
@@ -673,16 +816,25 @@ def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visi
     readmission, later = visits["readmission"], visits["later_admission"]
     hf = (rng.random(readmission.who.shape[0]) < HF_SHARE_OF_READMISSIONS) & hf_main_diagnosis[readmission.who]
     diagnose(readmission, vocab.CONDITION_PRIMARY,
-             np.where(hf, hf_code[readmission.who], _other_causes(rng, readmission.who.shape[0])))
+             np.where(hf, hf_code[readmission.who], _other_causes(rng, readmission.who, comorbidity)))
     # A diagnosis first made at the readmission (leakage trap for the builder).
     diagnose(readmission, vocab.CONDITION_SECONDARY,
-             _condition_codes_for(rng, "renal_failure", readmission.who.shape[0]))
+             _condition_codes_for(rng, "renal_failure", female[readmission.who]))
     hf = (rng.random(later.who.shape[0]) < HF_SHARE_OF_LATER_ADMISSIONS) & hf_main_diagnosis[later.who]
-    diagnose(later, vocab.CONDITION_PRIMARY, np.where(hf, hf_code[later.who], _other_causes(rng, later.who.shape[0])))
+    diagnose(later, vocab.CONDITION_PRIMARY, np.where(hf, hf_code[later.who], _other_causes(rng, later.who, comorbidity)))
     planned = visits["planned"]
     diagnose(planned, vocab.CONDITION_PRIMARY,
              _PLANNED_CODE_IDX[_pick(rng, planned.who.shape[0], _PLANNED_CODE_IDX.size)])
-    diagnose(visits["ed_after"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_after"].who.shape[0]))
+    diagnose(visits["ed_after"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_after"].who, comorbidity))
+
+
+def _draw_lab_missing(rng: np.random.Generator, profile: SiteProfile, lab: str,
+                      predictors: dict[str, np.ndarray]) -> np.ndarray:
+    """Return whether `lab` goes unrecorded at each index stay: the site's rate, more often for some patients."""
+    n = predictors["frailty"].shape[0]
+    missing_shift = _linear(0.0, LAB_MISSING_EFFECTS.get(lab, {}), predictors)
+    return _bernoulli_marginal(rng, profile.lab_missing[lab], np.broadcast_to(missing_shift, (n,)),
+                               LAB_MISSING_SHIFT_VARIANCE.get(lab, 0.0))
 
 
 def _draw_measurements(rng: np.random.Generator, profile: SiteProfile, patients: _Patients,
@@ -690,24 +842,27 @@ def _draw_measurements(rng: np.random.Generator, profile: SiteProfile, patients:
     """Return the lab rows, values rounded as reported: the index stay's, earlier admissions', the readmission's."""
     rows = _Events.empty(["person", "date", "visit", "lab", "value"])
     true_labs, n, index = patients.true_labs, patients.count, visits["index"]
+    predictors = {"age_decades": patients.age_decades, "frailty": patients.state.frailty,
+                  "dementia": patients.state.comorbidity["dementia"]}
     for lab_idx, lab in enumerate(_LAB_NAMES):
         lab_code = np.int32(lab_idx)
-        measured = rng.random(n) >= profile.lab_missing[lab]
+        # The echo was decided with the patient's drugs (ARNI needs a recorded reduced EF).
+        measured = patients.echo_recorded if lab == "lvef" else ~_draw_lab_missing(rng, profile, lab, predictors)
         if lab == "lvef":
             echo_day = patients.index_start + np.minimum(rng.integers(0, ECHO_WITHIN_DAYS, n), patients.state.los_days)
             rows.add(person=index.who[measured], date=echo_day[measured], visit=index.ids[measured], lab=lab_code,
                      value=true_labs[lab][measured])
             continue
-        admission_value = true_labs[lab] * ADMISSION_FACTOR[lab] * (1 + rng.normal(0, ADMISSION_NOISE_SD, n))
+        admission_value = true_labs[lab] * ADMISSION_FACTOR[lab] * (1 + rng.normal(0, MEASUREMENT_CV[lab], n))
         rows.add(person=index.who[measured], date=index.start[measured], visit=index.ids[measured], lab=lab_code,
                  value=admission_value[measured])
         repeated = measured & (rng.random(n) < profile.lab_repeat_before_discharge)
-        discharge_value = true_labs[lab] * (1 + rng.normal(0, DISCHARGE_NOISE_SD, n))
+        discharge_value = true_labs[lab] * (1 + rng.normal(0, MEASUREMENT_CV[lab], n))
         rows.add(person=index.who[repeated], date=index.end[repeated], visit=index.ids[repeated], lab=lab_code,
                  value=discharge_value[repeated])
     for lab in HISTORY_LABS:
         for group in (visits["prior_admission"], visits["older_admission"]):
-            noise = 1 + rng.normal(0, HISTORY_NOISE_SD, group.who.shape[0])
+            noise = 1 + rng.normal(0, HISTORY_CV_FACTOR * MEASUREMENT_CV[lab], group.who.shape[0])
             rows.add(person=group.who, date=group.start, visit=group.ids, lab=np.int32(_LAB_NAMES.index(lab)),
                      value=true_labs[lab][group.who] * noise)
     # At the readmission: congested again (leakage trap).

@@ -128,10 +128,11 @@ DEFAULT_SITES: dict[str, SiteProfile] = {
         ef_class_probs=[0.35, 0.27, 0.38],
         lab_missing={
             "nt_probnp": 0.30,
-            "creatinine": 0.04,
-            "sodium": 0.04,
-            "potassium": 0.05,
-            "haemoglobin": 0.04,
+            # Routine inpatient chemistry is almost always taken (assumption).
+            "creatinine": 0.01,
+            "sodium": 0.01,
+            "potassium": 0.01,
+            "haemoglobin": 0.01,
             "systolic_bp": 0.10,
             "lvef": 0.40,  # Davidge 2022: 43% without a conclusive EF
         },
@@ -162,10 +163,10 @@ DEFAULT_SITES: dict[str, SiteProfile] = {
         ef_class_probs=[0.45, 0.25, 0.30],
         lab_missing={
             "nt_probnp": 0.12,
-            "creatinine": 0.02,
-            "sodium": 0.02,
-            "potassium": 0.02,
-            "haemoglobin": 0.02,
+            "creatinine": 0.005,
+            "sodium": 0.005,
+            "potassium": 0.005,
+            "haemoglobin": 0.005,
             "systolic_bp": 0.05,
             "lvef": 0.25,  # assumption: more echocardiography at a university hospital
         },

@@ -101,7 +101,10 @@ def test_baselines_summary_has_every_model_on_every_site(smoke_run):
             assert 0.5 < auroc["value"] < 1.0
             if model != "lace":
                 assert 0 < summary["brier"][model][site] < 0.25
-                assert 0.3 < summary["calibration_slope"][model][site] < 2.0
+                # A broken fit shows as a slope near zero or negative. Overfitting is a finding, not a bug:
+                # on smoke's 840 training stays, with the weaker signal of issue 18, Halland's own model
+                # reaches slope 0.24 on its test split (stage 2 reports it).
+                assert 0.15 < summary["calibration_slope"][model][site] < 2.0
     assert summary["size_sweep"]["site"] == "halland"  # the smaller hospital
     manifest = json.loads((folder / "manifest.json").read_text())
     upstream = [r["path"] for r in manifest["inputs"] if "01_synthetic_ehr" in r["path"]]

@@ -219,3 +219,18 @@ def test_dp_sgd_accountant_runs_across_rounds_and_is_deterministic(sites):
         assert eps_three[site] > eps_one[site]
         assert eps_three[site] == pytest.approx(reference.get_epsilon(1e-5), rel=0.05)
     assert epsilon_bound(1.0, 1e-5, 0.01) == pytest.approx(np.e * 0.01 + 1e-5)
+
+
+def test_a_bound_violation_needs_the_tpr_interval_above_the_bound_at_the_thresholds_upper_fpr():
+    from fl.privacy.dp import epsilon_bound
+    from fl.privacy.stage import against_bound
+
+    tpr_at = {0.01: (0.05, 0.04, 0.06)}  # an attack finding 4-6% of members at 1% FPR
+    epsilon = 0.46  # nominal bound e^0.46 * 1% + delta = 1.58%
+    # Threshold set on 10,000 non-members: its FPR is at most about 1.2%, so the bound (1.9%) is violated.
+    row = against_bound(tpr_at, epsilon, 1e-5, 10_000)
+    assert row["violates_bound_at_1pct_fpr"] and 0.01 < row["fpr_upper_at_1pct_fpr"] < 0.0125
+    assert row["bound_at_1pct_fpr"] == pytest.approx(epsilon_bound(epsilon, 1e-5, 0.01), abs=1e-5)
+    # On 100 non-members (one false positive allowed) the threshold's FPR may be up to 5.4%: no violation shown.
+    row = against_bound(tpr_at, epsilon, 1e-5, 100)
+    assert not row["violates_bound_at_1pct_fpr"] and row["fpr_upper_at_1pct_fpr"] > 0.05

@@ -19,7 +19,7 @@ from fl.flower.stage import load_result
 from fl.privacy import attribute, canaries, client_dp, reconstruction, require_logistic
 from fl.privacy.dp import DPConfig, accounted_epsilon, dp_fedavg, epsilon_bound
 from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, run
-from fl.privacy.membership import ATTACKS, AttackResult, evaluate_attack, fpr_label, loss_scores
+from fl.privacy.membership import ATTACKS, AttackResult, clopper_pearson, evaluate_attack, fpr_label, loss_scores
 from fl.privacy.reference import DPSGDRecipe
 from fl.privacy.secagg import SecAggMeasurement, measure
 from fl.privacy.updates import UpdateAttack, attack_update, replay_round
@@ -187,7 +187,7 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
                 "logistic", (), weights, spec.transform(test[site].features))), 4)
                 if not_estimable_reason(test[site].labels) is None else None)
         attack = evaluate_attack(np.concatenate(scores), np.concatenate(members))
-        row |= against_bound(attack.tpr_at, epsilon, privacy.dp_delta, tpr_key="attack_tpr_at")
+        row |= against_bound(attack.tpr_at, epsilon, privacy.dp_delta, attack.non_members, tpr_key="attack_tpr_at")
         row["attack_auc"] = round(attack.auc, 4)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -239,23 +239,31 @@ def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
         for attack, result in experiment.results.items():
             row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
                    "attack": ATTACKS[attack].label, "auc": round(result.auc, 4)}
-            row |= against_bound(result.tpr_at, epsilon, privacy.dp_delta, interval=True)
+            row |= against_bound(result.tpr_at, epsilon, privacy.dp_delta, result.non_members, interval=True)
             rows.append(row | {"members": result.members, "non_members": result.non_members,
                                "patients_per_site": {s: len(d) for s, d in sites.items()}})
     return pd.DataFrame(rows)
 
 
-def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: float, delta: float,
+def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: float, delta: float, non_members: int,
                   tpr_key: str = "tpr_at", interval: bool = False) -> dict:
     """Return per FPR an attack's TPR (with its 95% interval if `interval`), the bound epsilon implies, and
-    whether it is violated: a violation needs the whole confidence interval above the bound."""
+    whether it is violated.
+
+    The threshold was set on `non_members` trials to allow floor(fpr * non_members) false positives, so
+    the false-positive rate it really has is uncertain too: a violation needs the TPR's whole interval
+    above the bound at the upper end of that rate's 95% Clopper-Pearson interval (as DP audits do),
+    not merely above e^epsilon * fpr + delta.
+    """
     row = {}
     for fpr, (tpr, low, high) in tpr_at.items():
         bound, label = epsilon_bound(epsilon, delta, fpr), fpr_label(fpr)
+        fpr_upper = clopper_pearson(int(np.floor(fpr * non_members)), non_members)[1]
         row[f"{tpr_key}_{label}"] = round(tpr, 5)
         if interval:
             row |= {f"tpr_lower_at_{label}": round(low, 5), f"tpr_upper_at_{label}": round(high, 5)}
-        row |= {f"bound_at_{label}": round(bound, 5), f"violates_bound_at_{label}": bool(low > bound)}
+        row |= {f"bound_at_{label}": round(bound, 5), f"fpr_upper_at_{label}": round(fpr_upper, 5),
+                f"violates_bound_at_{label}": bool(low > epsilon_bound(epsilon, delta, fpr_upper))}
     return row
 
 
