@@ -268,7 +268,8 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
     hf_visit_ids = np.unique(conditions.column("visit_occurrence_id").fill_null(-1).to_numpy()[c_main & c_hf])
 
     start_day, end_day = _day(spec.study_start), _day(spec.study_end)
-    candidate = inpatient & np.isin(v_id, hf_visit_ids) & (v_start >= start_day) & (v_start <= end_day)
+    hf_stay = inpatient & np.isin(v_id, hf_visit_ids)
+    candidate = hf_stay & (v_start >= start_day) & (v_start <= end_day)
     attrition.hf_index_stays_in_window = int(candidate.sum())
     idx = np.flatnonzero(candidate)
     # First stay per patient: order by person, start date, visit id.
@@ -315,7 +316,7 @@ def build_chunk(chunk: dict[str, pa.Table], spec: CohortSpec, site: str) -> tupl
 
     # Each event is paired with every index row of its person (one row per person
     # when one_index_per_patient), then filtered by that row's dates.
-    features = _visit_features(index, v_person, v_concept, v_start, v_from, inpatient)
+    features = _visit_features(index, v_person, v_concept, v_start, inpatient, hf_stay, spec.lookback_days)
     features.update(_condition_features(index, conditions, spec))
     features.update(_lab_features(index, chunk["measurement"]))
     features.update(_drug_features(index, chunk["drug_exposure"]))
@@ -382,15 +383,20 @@ def _count_per_index(rows: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(rows[mask], minlength=n).astype(np.float64)
 
 
-def _visit_features(index, v_person, v_concept, v_start, v_from, inpatient) -> dict[str, np.ndarray]:
+def _visit_features(index, v_person, v_concept, v_start, inpatient, hf_stay, lookback_days) -> dict[str, np.ndarray]:
+    """Return admissions in the prior year, emergency visits in the prior 180 days, and whether an earlier
+    inpatient stay in the look-back window had heart failure as its main diagnosis."""
     n = len(index)
     events, rows = _rows_of(index, v_person)
     start, admit = v_start[events], index["admit"].to_numpy()[rows]
-    prior = inpatient[events] & (start < admit) & (start >= admit - 365)
-    ed = (v_concept[events] == vocab.VISIT_EMERGENCY) & (start < admit) & (start >= admit - 180)
+    before = start < admit
+    prior = inpatient[events] & before & (start >= admit - 365)
+    ed = (v_concept[events] == vocab.VISIT_EMERGENCY) & before & (start >= admit - 180)
+    earlier_hf = hf_stay[events] & before & (start >= admit - lookback_days)
     return {
         "prior_admissions_365d": _count_per_index(rows, prior, n),
         "ed_visits_180d": _count_per_index(rows, ed, n),
+        "prior_hf_hospitalisation": (_count_per_index(rows, earlier_hf, n) > 0).astype(np.int8),
     }
 
 

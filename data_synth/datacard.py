@@ -227,7 +227,17 @@ PLAUSIBILITY_CHECKS: tuple[PlausibilityCheck, ...] = (
     PlausibilityCheck("MRA, HFrEF minus HFpEF, points", "indicated in reduced EF (direction)", "S10", 5, 40,
                       lambda c: _percent(c["on_mra"] == 1, _ef_class(c) == "HFrEF")
                       - _percent(c["on_mra"] == 1, _ef_class(c) == "HFpEF")),
-    PlausibilityCheck("admitted in the prior year, %", "30-55%", "S1", 30, 55, lambda c: _percent(c["prior_admissions_365d"] > 0)),
+    PlausibilityCheck("admitted in the prior year, %", "no direct anchor (SwedeHF's 54.5% counts the index stay)", "S1",
+                      30, 55, lambda c: _percent(c["prior_admissions_365d"] > 0)),
+    PlausibilityCheck("earlier heart-failure stay, index stays in 2016, %", "no anchor (assumption); 62% with heart failure "
+                      "known 6 months or more", "S1", 25, 55,
+                      lambda c: _percent(c["prior_hf_hospitalisation"] == 1, _index_year(c) == 2016)),
+    PlausibilityCheck("earlier heart-failure stay, 2016 minus 2020, points", "first-stay rule: only stays before the window "
+                      "count (direction)", "-", 15, 55,
+                      lambda c: _percent(c["prior_hf_hospitalisation"] == 1, _index_year(c) == 2016)
+                      - _percent(c["prior_hf_hospitalisation"] == 1, _index_year(c) == 2020)),
+    PlausibilityCheck("SGLT2 inhibitor with coded diabetes, 2016-2018, %", "5.5%", "S25", 2, 10,
+                      lambda c: _percent(c["on_sglt2_inhibitor"] == 1, (c["diabetes"] == 1) & (_index_year(c) <= 2018))),
     PlausibilityCheck("30-day readmission, %", "20.3%", "S5", 15, 25, lambda c: _percent(c[LABEL] == 1)),
     PlausibilityCheck("LACE, AUROC for the label", "C statistic 0.64 in heart failure", "S24", 0.55, 0.68, _lace_auroc),
 )

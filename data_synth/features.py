@@ -34,6 +34,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("los_days", "numeric", "index visit start and end", "longer stays signal severity (LACE L)"),
     Feature("prior_admissions_365d", "numeric", "inpatient visits in the year before admission", "the strongest known predictor"),
     Feature("ed_visits_180d", "numeric", "emergency visits in the 180 days before admission", "utilisation predicts readmission (LACE E)"),
+    Feature("prior_hf_hospitalisation", "binary", "an inpatient stay with heart failure as main diagnosis in the look-back before admission",
+            "earlier heart-failure stays mark established, more advanced disease"),
     *(
         Feature(name, "binary", f"ICD-10 {', '.join(vocab.COMORBIDITY_PREFIXES[name][:4])}... up to discharge",
                 "comorbidity burden drives readmission (LACE C)")

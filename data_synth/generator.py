@@ -177,12 +177,16 @@ DISCHARGE_DRUGS: dict[str, Logistic] = {
 #: ARNI share among HFrEF patients on RAS inhibition times this factor.
 ARNI_FIRST_YEAR = 2017
 ARNI_SHARE_FACTOR_HFREF = 1.6
-#: SGLT2 inhibitors: for diabetes throughout (rate by index year, assumption);
-#: for heart failure without diabetes only in reduced EF and only after
-#: DAPA-HF (November 2019) and the EU approval (5 November 2020): none before
-#: 2020. SwedeHF: about 10% overall before 2020, about 50% from 2022.
-SGLT2_DIABETES_RATE: dict[int, float] = {2016: 0.10, 2017: 0.15, 2018: 0.20, 2019: 0.25, 2020: 0.35, 2021: 0.45}
-SGLT2_HFREF_RATE: dict[int, float] = {2020: 0.15, 2021: 0.40}
+#: SGLT2 inhibitors (docs/calibration.md "Drugs at discharge"): for diabetes
+#: throughout, by index year (SwedeHF: 5.5% of heart-failure patients with
+#: type 2 diabetes in 2016-2018, 12% at the end of 2018; 46% of those with
+#: HFrEF in November 2020; the years between are interpolated); for heart
+#: failure without diabetes only in reduced EF and only after DAPA-HF
+#: (November 2019) and the EU approval (5 November 2020): none before 2020,
+#: 12.5% of HFrEF patients without diabetes in November 2020 and 55% by
+#: August 2022 (the yearly averages here are interpolations).
+SGLT2_DIABETES_RATE: dict[int, float] = {2016: 0.03, 2017: 0.05, 2018: 0.09, 2019: 0.15, 2020: 0.30, 2021: 0.45}
+SGLT2_HFREF_RATE: dict[int, float] = {2020: 0.05, 2021: 0.30}
 
 # ---------------------------------------------------------------- the course after the index stay
 #: Death in hospital: the site's rate (SiteProfile.in_hospital_death), higher with frailty.
@@ -206,7 +210,7 @@ OLDER_ADMISSION_DAYS_BEFORE = (366, 365 * HISTORY_YEARS)
 ED_VISIT_DAYS_BEFORE = (1, 181)
 #: Each stay lasts 1 + Poisson(mean) days; emergency visits end the day they start (assumption).
 STAY_EXTRA_DAYS_MEAN: dict[str, float] = {
-    "prior_admission": 3.5, "older_admission": 3.0, "readmission": 4.0, "later_admission": 4.0, "planned": 1.0,
+    "prior_admission": 3.5, "older_admission": 3.0, "earlier_hf": 4.0, "readmission": 4.0, "later_admission": 4.0, "planned": 1.0,
 }
 #: Visits after discharge: OMOP visit concept and where the patient came from.
 FOLLOW_UP_VISITS: dict[str, tuple[int, int]] = {
@@ -227,11 +231,17 @@ LATER_DEATH_DAYS_AFTER = (1, 366)
 #: A present comorbidity coded at an earlier admission: this share of the
 #: site's coding completeness (assumption).
 HISTORY_CODING_FACTOR = 0.35
-#: Share of admissions before the study window with heart failure as the main
-#: diagnosis: as among readmissions after a heart-failure stay (35%,
-#: docs/calibration.md "Readmission"). Coded only by sites' habits that code
-#: the index stay as heart failure too.
-HF_SHARE_OF_EARLIER_ADMISSIONS = 0.35
+#: An earlier heart-failure hospitalisation, 1 to HISTORY_YEARS years before
+#: the index stay, for this share of patients (higher with frailty): an
+#: assumption. SwedeHF's "previous heart-failure hospitalisation within a
+#: year" (54.5%) counts the registering stay itself, so it is no anchor for a
+#: stay *before* the index (docs/calibration.md "Utilisation"). Its day is
+#: drawn uniformly over the look-back; a stay that would fall inside the study
+#: window would itself be the patient's first index stay, so such patients
+#: have none: under the first-stay rule, earlier heart-failure stays are seen
+#: less often the later the index stay (a property of any first-stay cohort).
+EARLIER_HF_HOSPITALISATION = Logistic(0.40, {"frailty": 0.3})
+EARLIER_HF_DAYS_BEFORE = (366, 365 * HISTORY_YEARS)
 #: Heart failure coded as a secondary diagnosis at admissions in the prior year (assumption).
 KNOWN_HF_AT_PRIOR_ADMISSION = 0.6
 #: Share of unplanned admissions after discharge whose main diagnosis is
@@ -452,6 +462,7 @@ class _Patients:
     index_start: np.ndarray  # days since 1970
     index_end: np.ndarray
     older_admissions: np.ndarray
+    earlier_hf_gap: np.ndarray  # days from an earlier heart-failure stay to the index stay, 0 for none
     true_labs: dict[str, np.ndarray]  # keyed by vocabulary.LAB_LOINC: what each lab would measure
     on_drug: dict[str, np.ndarray]  # keyed by vocabulary.DRUG_ATC: prescribed at discharge
     echo_recorded: np.ndarray  # an LVEF is recorded at the index stay
@@ -580,6 +591,9 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
     prior_admissions = _draw_count(rng, PRIOR_ADMISSIONS_365D, predictors)
     ed_visits = _draw_count(rng, ED_VISITS_180D, predictors)
     older_admissions = _draw_count(rng, OLDER_ADMISSIONS, predictors)
+    earlier_hf_gap = rng.integers(*EARLIER_HF_DAYS_BEFORE, n)
+    earlier_hf = ((rng.random(n) < _probability(EARLIER_HF_HOSPITALISATION, predictors))
+                  & (index_start - earlier_hf_gap < _days(STUDY_START)))
     los = _draw_true_value(rng, LENGTH_OF_STAY, predictors, n, centre=profile.los_median_days)
     los = np.clip(np.round(los), *LENGTH_OF_STAY_RANGE_DAYS).astype(np.int64)
 
@@ -591,6 +605,7 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
 
     state = PatientState(
         age=age, female=female, frailty=frailty, prior_admissions_365d=prior_admissions,
+        prior_hf_hospitalisation=earlier_hf,
         ed_visits_180d=ed_visits, los_days=los, comorbidity=comorbidity, ef_reduced=predictors["hfref"],
         **{lab: true_labs[lab] for lab in ("nt_probnp", "sodium", "potassium", "haemoglobin", "systolic_bp")},
         egfr=egfr, on_ras_or_arni=on_ras_or_arni, on_beta_blocker=on_drug["beta_blocker"],
@@ -600,7 +615,7 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
     early_death_probability = _probability(EARLY_DEATH, predictors)
     return _Patients(
         state=state, age_decades=age_decades, birth=birth, index_start=index_start, index_end=index_start + los,
-        older_admissions=older_admissions, true_labs=true_labs, on_drug=on_drug, echo_recorded=echo_recorded,
+        older_admissions=older_admissions, earlier_hf_gap=np.where(earlier_hf, earlier_hf_gap, 0), true_labs=true_labs, on_drug=on_drug, echo_recorded=echo_recorded,
         readmission_risk=readmission_risk, early_death_probability=early_death_probability,
         true_risk=readmission_risk * (1 - early_death_probability * _DEATH_BEFORE_READMISSION),
     )
@@ -725,6 +740,11 @@ def _draw_visits(rng: np.random.Generator, patients: _Patients, course: _Course,
     end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["older_admission"], who.shape[0])
     visits["older_admission"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, end,
                                               vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    who = everyone[patients.earlier_hf_gap > 0]
+    start = index_start[who] - patients.earlier_hf_gap[who]
+    end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["earlier_hf"], who.shape[0])
+    visits["earlier_hf"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, end,
+                                         vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
     who = np.repeat(everyone, patients.state.ed_visits_180d)
     start = index_start[who] - rng.integers(*ED_VISIT_DAYS_BEFORE, who.shape[0])
     visits["ed_before"] = visit_log.add(who, vocab.VISIT_EMERGENCY, start, start, vocab.ADMITTED_FROM_HOME,
@@ -775,7 +795,8 @@ def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _
     diagnose(index, vocab.CONDITION_PRIMARY, np.where(course.hf_main_diagnosis, hf_code, other_main))
     secondary = ~course.hf_main_diagnosis
     diagnose(index.subset(secondary), vocab.CONDITION_SECONDARY, hf_code[secondary])
-    history = (visits["prior_admission"], visits["older_admission"])
+    earlier_other_cause = (visits["prior_admission"], visits["older_admission"])
+    history = (*earlier_other_cause, visits["earlier_hf"])
     female = patients.state.female
     for name in COMORBIDITIES:
         present = patients.state.comorbidity[name]
@@ -787,20 +808,14 @@ def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _
             again = present[group.who] & (rng.random(group.who.shape[0]) < completeness)
             diagnose(group.subset(again), vocab.CONDITION_SECONDARY,
                      _condition_codes_for(rng, name, female[group.who[again]]))
-    # Earlier heart-failure hospitalisations: an admission before the study
-    # window may have heart failure as its main diagnosis (one inside the
-    # window would itself be the patient's first index stay).
-    before_window = _days(STUDY_START)
-    hf_main_before = {}
-    for kind, group in zip(("prior_admission", "older_admission"), history):
-        hf_main = ((group.start < before_window) & (rng.random(group.who.shape[0]) < HF_SHARE_OF_EARLIER_ADMISSIONS)
-                   & course.hf_main_diagnosis[group.who])
-        hf_main_before[kind] = hf_main
-        diagnose(group, vocab.CONDITION_PRIMARY,
-                 np.where(hf_main, hf_code[group.who], _other_causes(rng, group.who, comorbidity)))
+    for group in earlier_other_cause:
+        diagnose(group, vocab.CONDITION_PRIMARY, _other_causes(rng, group.who, comorbidity))
+    # The earlier heart-failure stay, coded as the site codes the index stay (patients whose index stay is
+    # coded otherwise stay out of the cohort anyway).
+    diagnose(visits["earlier_hf"], vocab.CONDITION_PRIMARY, hf_code[visits["earlier_hf"].who])
     diagnose(visits["ed_before"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_before"].who, comorbidity))
     prior = visits["prior_admission"]
-    known_hf = (rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION) & ~hf_main_before["prior_admission"]
+    known_hf = rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION
     diagnose(prior.subset(known_hf), vocab.CONDITION_SECONDARY, np.int32(_HF_SECONDARY_IDX))
     _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis, female, comorbidity)
     return diagnoses.rows.concat()

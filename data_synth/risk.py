@@ -34,6 +34,7 @@ class PatientState:
     female: np.ndarray
     frailty: np.ndarray
     prior_admissions_365d: np.ndarray
+    prior_hf_hospitalisation: np.ndarray
     ed_visits_180d: np.ndarray
     los_days: np.ndarray
     comorbidity: dict[str, np.ndarray]
@@ -60,6 +61,7 @@ def readmission_logit(state: PatientState, site_shift: float) -> np.ndarray:
         BASELINE_LOGIT
         + site_shift
         + 0.50 * np.log1p(state.prior_admissions_365d)
+        + 0.30 * state.prior_hf_hospitalisation
         + 0.10 * np.log1p(state.ed_visits_180d)
         + 0.08 * np.log(np.clip(state.los_days, 1, None) / 5.0)
         + 0.04 * comorbidity_burden

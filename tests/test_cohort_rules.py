@@ -255,6 +255,25 @@ def test_prior_admissions_and_emergency_visits_count_in_their_windows(tmp_path):
     assert frame.loc[1, "ed_visits_180d"] == 2
 
 
+def test_an_earlier_heart_failure_stay_counts_when_an_inpatient_main_diagnosis_in_the_look_back(tmp_path):
+    counted = hf_patient(1)
+    counted.visit(before_admit(5 * 365), before_admit(5 * 365 - 3), main_diagnosis="I50.1")  # first look-back day
+    too_early = hf_patient(2)
+    too_early.visit(before_admit(5 * 365 + 1), before_admit(5 * 365 - 2), main_diagnosis="I50.9")
+    secondary = hf_patient(3)
+    pneumonia = secondary.visit(before_admit(900), before_admit(895))  # heart failure only as a secondary code
+    secondary.diagnosis("I50.9", before_admit(900), pneumonia)
+    emergency_only = hf_patient(4)
+    emergency_only.visit(before_admit(800), concept=ER_ONLY, admitted_from=None, main_diagnosis="I50.9")
+    no_code_dot = hf_patient(5)
+    no_code_dot.visit(before_admit(1200), before_admit(1196), main_diagnosis="I110")  # I11.0 as Swedish systems store it
+    frame, _ = build(tmp_path, counted, too_early, secondary, emergency_only, no_code_dot)
+    patients = (counted, too_early, secondary, emergency_only, no_code_dot)
+    rows = frame.loc[[patient.person_id for patient in patients]]
+    assert rows["prior_hf_hospitalisation"].tolist() == [1, 0, 0, 0, 1]
+    assert rows["index_visit_id"].tolist() == [index_visit_id(patient) for patient in patients]  # still the index
+
+
 # ---------------------------------------------------------------- scores
 def test_lace_score_points():
     # L: <1 d 0, 1 d 1, 2 d 2, 3 d 3, 4-6 d 4, 7-13 d 5, >=14 d 7; A: acute 3;
