@@ -11,7 +11,7 @@ from fl.flower.engine import run_direct
 from fl.flower.server_app import ClientLevelDP, FederationError, local_train_config
 from fl.privacy.client_dp import client_level_epsilon, client_level_frontier
 
-SITES = {"halland": 400, "sahlgrenska": 600}
+SITES = {"halland": 1500, "sahlgrenska": 2000}
 SITES_SEED = 11
 FEDERATED = {"rounds": 1, "local_epochs": 2}  # over the smoke profile's federated section
 # `build`, `profile` and `site_dirs` come from conftest.py, built from the three names above.

@@ -118,11 +118,15 @@ def test_federated_summary_and_ledger(smoke_run):
     folder = root / "smoke" / FEDERATED
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["strategies"] == ["fedavg", "fedprox", "fedadam"]
+    # Smoke's Halland test split has about 360 stays and an oracle AUROC near 0.66 (an outcome as hard to
+    # predict as published ones, issue 18), so "better than chance" is what this profile can show there; the
+    # default profile's fitted range is held by tests/test_plausibility.py.
     for strategy in summary["strategies"]:
         for site in ("halland", "sahlgrenska"):
             auroc = summary["auroc"][strategy][site]
-            assert 0.6 < auroc["value"] < 0.95 and auroc["lower"] <= auroc["value"] <= auroc["upper"]
+            assert 0.5 < auroc["value"] < 0.95 and auroc["lower"] <= auroc["value"] <= auroc["upper"]
             assert summary["bytes_exchanged_per_site"][strategy][site] > 0
+        assert summary["auroc"][strategy]["sahlgrenska"]["value"] > 0.6  # 640 test stays: a model that learned
         assert (folder / strategy / "ledger.jsonl").is_file()
         assert (folder / strategy / "final_model.npz").is_file()
         rounds = sorted((folder / strategy / "checkpoints").glob("round_*.npz"))
