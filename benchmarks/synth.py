@@ -118,7 +118,7 @@ def run_worker(patients: int, work_dir: Path) -> dict:
     cohort_cpu = _cpu_seconds() - cpu
     peak, method = _peak_rss_mib()
 
-    rows = {table: pq.ParquetFile(omop.table_path(omop_dir, table)).metadata.num_rows for table in omop.TABLE_NAMES}
+    rows = {table: pq.ParquetFile(omop.table_path(omop_dir, table)).metadata.num_rows for table in omop.SCHEMAS}
     rows["ground_truth"] = pq.ParquetFile(site_dir / GROUND_TRUTH_FILE).metadata.num_rows
     rows["cohort"] = pq.ParquetFile(site_dir / COHORT_FILE).metadata.num_rows
     files = {str(path.relative_to(site_dir)): path.stat().st_size

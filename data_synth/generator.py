@@ -52,6 +52,8 @@ STUDY_START = dt.date(2016, 1, 1)
 STUDY_END = dt.date(2021, 12, 31)
 HISTORY_YEARS = 5
 GROUND_TRUTH_FILE = "ground_truth.parquet"
+#: Tables whose code columns the generator writes dictionary-encoded.
+DICTIONARY_CODED_TABLES = ("condition_occurrence", "measurement", "drug_exposure", "procedure_occurrence")
 PARQUET_OPTIONS = dict(compression="snappy", use_dictionary=True, write_statistics=True)
 
 _EPOCH = dt.date(1970, 1, 1)
@@ -399,6 +401,7 @@ _UNIT_OF_LAB = np.array([_UNITS.index(unit) for _, unit in vocab.LAB_LOINC.value
 _DRUG_CLASSES = tuple(vocab.DRUG_ATC)
 _DRUG_CODES: tuple[str, ...] = tuple(code for _, codes in vocab.DRUG_ATC.values() for code in codes)
 _DRUG_INDEX = {code: i for i, code in enumerate(_DRUG_CODES)}
+_PROCEDURE_CODES: tuple[str, ...] = tuple(vocab.DEVICE_PROCEDURES)
 _HF_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.HF_INDEX_CODES], np.int32)
 _OTHER_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.OTHER_ADMISSION_CODES], np.int32)
 _PLANNED_CODE_IDX = np.array([_CONDITION_INDEX[code] for code in vocab.PLANNED_ADMISSION_CODES], np.int32)
@@ -547,7 +550,7 @@ def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients
     course = _draw_course(rng, profile, patients)
     visit_rows, visits = _draw_visits(rng, patients, course, id_base)
     death_rows = _draw_deaths(rng, patients, course, visits)
-    condition_rows = _draw_conditions(rng, profile, patients, course, visits)
+    condition_rows, planned_code = _draw_conditions(rng, profile, patients, course, visits)
     measurement_rows = _draw_measurements(rng, profile, patients, visits)
     drug_rows = _draw_prescriptions(rng, patients, course, visits)
 
@@ -558,6 +561,8 @@ def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients
         "measurement": _measurement_table(measurement_rows, person_id, id_base),
         "drug_exposure": _drug_table(drug_rows, person_id, id_base),
         "death": _death_table(death_rows, person_id),
+        "procedure_occurrence": _procedure_table(_device_procedures(patients, visits["planned"], planned_code),
+                                                 person_id, id_base),
     }
     ground_truth = pa.table({
         "person_id": pa.array(person_id),
@@ -781,8 +786,9 @@ def _draw_deaths(rng: np.random.Generator, patients: _Patients, course: _Course,
 
 
 def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _Patients, course: _Course,
-                     visits: dict[str, _VisitGroup]) -> dict[str, np.ndarray]:
-    """Return the diagnosis rows: the index stay's, comorbidities, and every other visit's main diagnosis."""
+                     visits: dict[str, _VisitGroup]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Return the diagnosis rows (the index stay's, comorbidities, and every other visit's main diagnosis)
+    and the planned stays' main diagnoses."""
     diagnoses = _DiagnosisLog()
     diagnose = diagnoses.add
     n, index = patients.count, visits["index"]
@@ -817,14 +823,15 @@ def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _
     prior = visits["prior_admission"]
     known_hf = rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION
     diagnose(prior.subset(known_hf), vocab.CONDITION_SECONDARY, np.int32(_HF_SECONDARY_IDX))
-    _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis, female, comorbidity)
-    return diagnoses.rows.concat()
+    planned_code = _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis, female, comorbidity)
+    return diagnoses.rows.concat(), planned_code
 
 
 def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visits: dict[str, _VisitGroup],
                         hf_code: np.ndarray, hf_main_diagnosis: np.ndarray, female: np.ndarray,
-                        comorbidity: dict[str, np.ndarray]) -> None:
-    """Add the main diagnoses of the visits after discharge (and the readmission's leakage trap)."""
+                        comorbidity: dict[str, np.ndarray]) -> np.ndarray:
+    """Add the main diagnoses of the visits after discharge (and the readmission's leakage trap); return the
+    planned stays' main diagnoses (condition indices)."""
     # Patients whose index stay was not coded as heart failure stay out of the
     # cohort: their later stays are coded as other causes too.
     diagnose = diagnoses.add
@@ -838,9 +845,10 @@ def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visi
     hf = (rng.random(later.who.shape[0]) < HF_SHARE_OF_LATER_ADMISSIONS) & hf_main_diagnosis[later.who]
     diagnose(later, vocab.CONDITION_PRIMARY, np.where(hf, hf_code[later.who], _other_causes(rng, later.who, comorbidity)))
     planned = visits["planned"]
-    diagnose(planned, vocab.CONDITION_PRIMARY,
-             _PLANNED_CODE_IDX[_pick(rng, planned.who.shape[0], _PLANNED_CODE_IDX.size)])
+    planned_code = _PLANNED_CODE_IDX[_pick(rng, planned.who.shape[0], _PLANNED_CODE_IDX.size)]
+    diagnose(planned, vocab.CONDITION_PRIMARY, planned_code)
     diagnose(visits["ed_after"], vocab.CONDITION_PRIMARY, _other_causes(rng, visits["ed_after"].who, comorbidity))
+    return planned_code
 
 
 def _draw_lab_missing(rng: np.random.Generator, profile: SiteProfile, lab: str,
@@ -919,6 +927,15 @@ def _draw_prescriptions(rng: np.random.Generator, patients: _Patients, course: _
 
 
 # ---------------------------------------------------------------- OMOP tables
+def _device_procedures(patients: _Patients, planned: _VisitGroup, planned_code: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the procedure rows: the device implanted at each planned device stay, on its first day."""
+    device = planned_code == _CONDITION_INDEX[vocab.DEVICE_STAY_CODE]
+    stays = planned.subset(device)
+    crt = patients.state.ef_reduced[stays.who]
+    return {"person": stays.who, "date": stays.start, "visit": stays.ids,
+            "code": np.where(crt, _PROCEDURE_CODES.index("FPE26"), _PROCEDURE_CODES.index("FPE20")).astype(np.int32)}
+
+
 def _sorted(person: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     order = np.argsort(person, kind="stable")
     return [person[order]] + [a[order] for a in arrays]
@@ -999,6 +1016,20 @@ def _measurement_table(measurement_rows: dict[str, np.ndarray], person_id: np.nd
     )
 
 
+def _procedure_table(procedure_rows: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
+    person, date, visit, code = _sorted(procedure_rows["person"], procedure_rows["date"], procedure_rows["visit"],
+                                        procedure_rows["code"])
+    n = person.shape[0]
+    return pa.table(
+        [
+            pa.array(id_base + np.arange(n, dtype=np.int64)), pa.array(person_id[person]),
+            pa.array(np.zeros(n, np.int32)), _dates(date), pa.array(np.full(n, vocab.TYPE_EHR, np.int32)),
+            pa.array(visit.astype(np.int64)), _dictionary(code, _PROCEDURE_CODES),
+        ],
+        schema=omop.arrow_schema("procedure_occurrence", dictionary_codes=True),
+    )
+
+
 def _drug_table(drug_rows: dict[str, np.ndarray], person_id: np.ndarray, id_base: np.int64) -> pa.Table:
     person, start, end, visit, code = _sorted(
         drug_rows["person"], drug_rows["start"], drug_rows["end"], drug_rows["visit"], drug_rows["code"],
@@ -1057,10 +1088,10 @@ def generate_site(profile: SiteProfile, seed: int, out_dir: Path, progress: bool
         writers = {
             table: pq.ParquetWriter(
                 omop_staging / f"{table}.parquet",
-                omop.arrow_schema(table, dictionary_codes=table in ("condition_occurrence", "measurement", "drug_exposure")),
+                omop.arrow_schema(table, dictionary_codes=table in DICTIONARY_CODED_TABLES),
                 **PARQUET_OPTIONS,
             )
-            for table in omop.TABLE_NAMES
+            for table in omop.SCHEMAS
         }
         truth_writer = None
         sizes = chunk_sizes(profile.patients)

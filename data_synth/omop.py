@@ -95,6 +95,21 @@ TABLES: dict[str, tuple[Column, ...]] = {
 }
 
 TABLE_NAMES = tuple(TABLES)
+#: Tables an extract may carry that the cohort builder does not read: validated like the others when
+#: written or checked, never required. Procedures (KVÅ codes in Sweden) record what was done at a stay.
+OPTIONAL_TABLES: dict[str, tuple[Column, ...]] = {
+    "procedure_occurrence": (
+        Column("procedure_occurrence_id", _ID),
+        Column("person_id", _ID),
+        Column("procedure_concept_id", _CONCEPT),
+        Column("procedure_date", _DATE),
+        Column("procedure_type_concept_id", _CONCEPT),
+        Column("visit_occurrence_id", _ID, nullable=True),
+        Column("procedure_source_value", _TEXT),
+    ),
+}
+#: Every table shape this module knows: the required ones, then the optional ones.
+SCHEMAS: dict[str, tuple[Column, ...]] = {**TABLES, **OPTIONAL_TABLES}
 
 #: Source-value columns read in the code lists' canonical form (see `vocabulary.normalise_icd10`).
 CODE_NORMALISERS: dict[tuple[str, str], Callable] = {
@@ -106,6 +121,7 @@ CODE_PATTERNS: dict[tuple[str, str], str] = {
     ("condition_occurrence", "condition_source_value"): r"^[A-Z][0-9]{2}(\.[0-9A-Z]{1,2})?$",
     ("measurement", "measurement_source_value"): r"^[0-9]{1,6}-[0-9]$",
     ("drug_exposure", "drug_source_value"): r"^[A-Z][0-9]{2}[A-Z]{0,2}[0-9]{0,2}$",
+    ("procedure_occurrence", "procedure_source_value"): r"^[A-Z]{3}[0-9]{2}$",  # KVÅ surgical codes
 }
 #: (table, start column, end column) that must satisfy start <= end.
 DATE_ORDER = (
@@ -119,6 +135,7 @@ PRIMARY_KEYS = {
     "measurement": "measurement_id",
     "drug_exposure": "drug_exposure_id",
     "death": "person_id",
+    "procedure_occurrence": "procedure_occurrence_id",
 }
 
 
@@ -129,7 +146,7 @@ class OmopValidationError(ValueError):
 def arrow_schema(table: str, dictionary_codes: bool = False) -> pa.Schema:
     """Return the pyarrow schema of `table`; source values dictionary-encoded if asked."""
     fields = []
-    for col in TABLES[table]:
+    for col in SCHEMAS[table]:
         dtype = col.type
         if dictionary_codes and dtype == _TEXT:
             dtype = pa.dictionary(pa.int32(), pa.string())
@@ -166,7 +183,7 @@ def _is_text(dtype: pa.DataType) -> bool:
 def check_columns(table_name: str, schema: pa.Schema, source: str = "") -> None:
     """Raise OmopValidationError unless `schema` has every required column with a usable type."""
     where = f" in {source}" if source else ""
-    for col in TABLES[table_name]:
+    for col in SCHEMAS[table_name]:
         if col.name not in schema.names:
             raise OmopValidationError(
                 f"{table_name}: required column {col.name!r} is missing{where}; "
@@ -189,7 +206,7 @@ def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
     """Return `table` with only the required columns, cast to the canonical types, codes normalised."""
     check_columns(table_name, table.schema, source)
     arrays = []
-    for col in TABLES[table_name]:
+    for col in SCHEMAS[table_name]:
         array = table.column(col.name)
         if col.type == _TEXT:
             if not pa.types.is_dictionary(array.type):
@@ -212,7 +229,7 @@ def conform(table_name: str, table: pa.Table, source: str = "") -> pa.Table:
 
 def validate_table(table_name: str, table: pa.Table, row_offset: int = 0) -> None:
     """Raise OmopValidationError if a conformed table (codes normalised) breaks a row-level rule."""
-    for col in TABLES[table_name]:
+    for col in SCHEMAS[table_name]:
         if not col.nullable and table.column(col.name).null_count:
             _fail(table_name, col.name, "missing value where one is required", table,
                   pc.is_null(table.column(col.name)).to_numpy(zero_copy_only=False), row_offset)

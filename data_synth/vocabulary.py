@@ -158,6 +158,16 @@ OTHER_ADMISSION_CODES = tuple(OTHER_ADMISSION_CAUSES)
 #: Main diagnoses of planned (elective) admissions: device implantation,
 #: elective angiography, scheduled chemotherapy.
 PLANNED_ADMISSION_CODES = ("Z45.0", "I25.1", "Z51.1")
+#: The planned stays whose procedure is a device implantation (main diagnosis Z45.0).
+DEVICE_STAY_CODE = "Z45.0"
+#: KVÅ (Socialstyrelsen's Klassifikation av vårdåtgärder) codes of the device implantations, recorded in
+#: procedure_occurrence: a biventricular (CRT) pacemaker for reduced EF, a dual-chamber pacemaker
+#: otherwise (the choice by EF is an assumption). Titles as Socialstyrelsen gives them
+#: (docs/calibration.md "Codes", S28).
+DEVICE_PROCEDURES: dict[str, str] = {
+    "FPE26": "Inläggande av transvenös pacemaker med biventrikulära elektroder",
+    "FPE20": "Inläggande av transvenös pacemaker med förmaks- och ventrikelelektrod",
+}
 
 # --- LOINC laboratory codes and units --------------------------------------
 #: lab name -> (LOINC, unit as Swedish labs report it)

@@ -35,7 +35,7 @@ def _rows_generated_here(patients: int, folder: Path) -> tuple[dict[str, int], i
     """
     omop_dir = generate_site(site_profile(SITE, {"patients": patients}), SEED, folder, progress=False)
     _, attrition = write_cohort(omop_dir, folder, CohortSpec(seed=SEED), SITE, progress=False)
-    rows = {table: pq.read_table(omop.table_path(omop_dir, table)).num_rows for table in omop.TABLE_NAMES}
+    rows = {table: pq.read_table(omop.table_path(omop_dir, table)).num_rows for table in omop.SCHEMAS}
     rows["ground_truth"] = pq.read_table(folder / GROUND_TRUTH_FILE).num_rows
     rows["cohort"] = pq.read_table(folder / COHORT_FILE).num_rows
     return rows, attrition.readmitted_30d
@@ -61,13 +61,13 @@ def test_benchmark_writes_complete_json_and_cleans_up(tmp_path):
         assert r["patients_per_minute"] == pytest.approx(r["patients"] / r["total_seconds"] * 60, rel=0.02)
         assert r["peak_rss_mib"] > 0 and r["peak_rss_generation_mib"] <= r["peak_rss_mib"]
         assert r["ru_maxrss_wait4_mib"] > 0
-        assert set(r["rows"]) == {*omop.TABLE_NAMES, "ground_truth", "cohort"}
+        assert set(r["rows"]) == {*omop.SCHEMAS, "ground_truth", "cohort"}
         assert r["rows"]["person"] == r["rows"]["ground_truth"] == r["patients"]
         assert 0 < r["rows"]["cohort"] <= r["patients"]
         assert r["rows_total"] == sum(r["rows"].values())
         assert 0 < r["cohort_readmitted_30d"] < r["rows"]["cohort"]
         assert r["bytes_on_disk"] == sum(r["bytes_by_file"].values()) > 0
-        assert {f"omop/{t}.parquet" for t in omop.TABLE_NAMES} <= set(r["bytes_by_file"])
+        assert {f"omop/{t}.parquet" for t in omop.SCHEMAS} <= set(r["bytes_by_file"])
     small, large = data["results"]
     assert large["rows"]["measurement"] > small["rows"]["measurement"]
     # Exact counts, generated and counted again here (the smaller size: about 2 s).

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_synth import generator, omop
+from data_synth import vocabulary as vocab
 from data_synth.cohort import CohortSpec, build_cohort
 from data_synth.generator import GROUND_TRUTH_FILE, generate_chunk, generate_site
 from data_synth.sites import DEFAULT_SITES, site_profile
@@ -22,7 +23,7 @@ def test_same_seed_gives_byte_identical_parquet(tmp_path):
     generate_site(profile, 11, tmp_path / "a", progress=False)
     generate_site(profile, 11, tmp_path / "b", progress=False)
     a, b = _omop_bytes(tmp_path / "a"), _omop_bytes(tmp_path / "b")
-    assert set(a) == {f"{t}.parquet" for t in omop.TABLE_NAMES}
+    assert set(a) == {f"{t}.parquet" for t in omop.SCHEMAS}
     assert a == b
     assert (tmp_path / "a" / GROUND_TRUTH_FILE).read_bytes() == (tmp_path / "b" / GROUND_TRUTH_FILE).read_bytes()
 
@@ -43,7 +44,7 @@ def test_chunks_do_not_depend_on_site_size(tmp_path, monkeypatch):
     monkeypatch.setattr(generator, "CHUNK_PATIENTS", 200)
     generate_site(site_profile("halland", {"patients": 250}), 5, tmp_path / "small", progress=False)
     generate_site(site_profile("halland", {"patients": 600}), 5, tmp_path / "large", progress=False)
-    for table in omop.TABLE_NAMES:
+    for table in omop.SCHEMAS:
         small = pq.ParquetFile(tmp_path / f"small/omop/{table}.parquet")
         large = pq.ParquetFile(tmp_path / f"large/omop/{table}.parquet")
         assert small.num_row_groups == 2 and large.num_row_groups == 3
@@ -72,9 +73,11 @@ def test_generated_tables_satisfy_the_schema(patients, seed, site, female, missi
     person_ids = tables["person"].column("person_id").to_numpy()
     visit_ids = tables["visit_occurrence"].column("visit_occurrence_id").to_numpy()
     assert person_ids.size == patients
-    for name in ("visit_occurrence", "condition_occurrence", "measurement", "drug_exposure", "death"):
+    assert set(tables) == set(omop.SCHEMAS)
+    for name in ("visit_occurrence", "condition_occurrence", "measurement", "drug_exposure", "death",
+                 "procedure_occurrence"):
         omop.check_foreign_keys(name, tables[name], "person_id", "person", person_ids)
-    for name in ("condition_occurrence", "measurement", "drug_exposure"):
+    for name in ("condition_occurrence", "measurement", "drug_exposure", "procedure_occurrence"):
         omop.check_foreign_keys(name, tables[name], "visit_occurrence_id", "visit_occurrence", visit_ids)
     # Nobody has a visit after their death.
     visits = tables["visit_occurrence"].to_pandas()
@@ -83,6 +86,22 @@ def test_generated_tables_satisfy_the_schema(patients, seed, site, female, missi
     assert (last_end.reindex(death.index) <= death).all()
     risk = chunk.ground_truth.column("true_risk_30d").to_numpy()
     assert np.all((risk > 0) & (risk < 1))
+
+
+def test_each_planned_device_stay_records_its_implantation_as_a_kva_procedure():
+    chunk = generate_chunk(site_profile("sahlgrenska", {"patients": 4000}), 5, 0, 4000)
+    tables = {name: omop.conform(name, table).to_pandas() for name, table in chunk.tables.items()}
+    conditions, visits = tables["condition_occurrence"], tables["visit_occurrence"]
+    procedures = tables["procedure_occurrence"]
+    main = conditions[conditions["condition_status_concept_id"] == vocab.CONDITION_PRIMARY]
+    device_stays = set(main.loc[main["condition_source_value"] == vocab.DEVICE_STAY_CODE, "visit_occurrence_id"])
+    assert len(device_stays) > 10
+    assert sorted(procedures["visit_occurrence_id"]) == sorted(device_stays)  # one implantation per device stay
+    assert set(procedures["procedure_source_value"]) == set(vocab.DEVICE_PROCEDURES)
+    stays = visits.set_index("visit_occurrence_id").loc[procedures["visit_occurrence_id"]]
+    assert (stays["visit_concept_id"] == vocab.VISIT_INPATIENT).all()  # planned, not emergency
+    assert (procedures["procedure_date"].to_numpy() == stays["visit_start_date"].to_numpy()).all()
+    assert not main["condition_source_value"].str.match(r"^[A-Z]{3}[0-9]{2}$").any()  # no procedure code as a diagnosis
 
 
 def test_cohort_finds_exactly_the_designed_index_stays(tmp_path):
