@@ -36,6 +36,9 @@ class SyntheticSite(_Strict):
 
 class SyntheticParams(_Strict):
     sites: dict[str, SyntheticSite]
+    #: Patients per site in the data card's knob attribution (each group of site differences alone,
+    #: data_synth.heterogeneity): every scenario regenerates the sites at this size.
+    transport_patients: Annotated[int, Field(ge=500, le=1_000_000)] = 12_000
 
     @field_validator("sites")
     @classmethod

@@ -190,6 +190,10 @@ ARNI_SHARE_FACTOR_HFREF = 1.6
 SGLT2_DIABETES_RATE: dict[int, float] = {2016: 0.03, 2017: 0.05, 2018: 0.09, 2019: 0.15, 2020: 0.30, 2021: 0.45}
 SGLT2_HFREF_RATE: dict[int, float] = {2020: 0.05, 2021: 0.30}
 
+#: A nurse-led heart-failure clinic after discharge (SiteProfile.follow_up_clinic): log odds ratio of
+#: 30-day readmission for a patient it follows (docs/calibration.md "Site differences").
+FOLLOW_UP_CLINIC_LOG_OR = float(np.log(0.8))
+
 # ---------------------------------------------------------------- the course after the index stay
 #: Death in hospital: the site's rate (SiteProfile.in_hospital_death), higher with frailty.
 IN_HOSPITAL_DEATH = Logistic(None, {"frailty": 0.6})
@@ -548,7 +552,7 @@ def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients
     # One stream, in this order (see the module docstring).
     patients = _draw_patients(rng, profile, n_patients)
     course = _draw_course(rng, profile, patients)
-    visit_rows, visits = _draw_visits(rng, patients, course, id_base)
+    visit_rows, visits = _draw_visits(rng, profile, patients, course, id_base)
     death_rows = _draw_deaths(rng, patients, course, visits)
     condition_rows, planned_code = _draw_conditions(rng, profile, patients, course, visits)
     measurement_rows = _draw_measurements(rng, profile, patients, visits)
@@ -561,8 +565,7 @@ def generate_chunk(profile: SiteProfile, seed: int, chunk_index: int, n_patients
         "measurement": _measurement_table(measurement_rows, person_id, id_base),
         "drug_exposure": _drug_table(drug_rows, person_id, id_base),
         "death": _death_table(death_rows, person_id),
-        "procedure_occurrence": _procedure_table(_device_procedures(patients, visits["planned"], planned_code),
-                                                 person_id, id_base),
+        "procedure_occurrence": _procedure_table(_device_procedures(patients, visits, planned_code), person_id, id_base),
     }
     ground_truth = pa.table({
         "person_id": pa.array(person_id),
@@ -616,7 +619,13 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
         egfr=egfr, on_ras_or_arni=on_ras_or_arni, on_beta_blocker=on_drug["beta_blocker"],
         on_mra=on_drug["mra"], unrecorded_risk=rng.standard_normal(n),
     )
-    readmission_risk = sigmoid(readmission_logit(state, profile.readmission_logit_shift))
+    # The site's own shifts: its base rate, its calendar years, its follow-up clinic (none recorded).
+    site_shift = profile.readmission_logit_shift + np.array(
+        [profile.calendar_logit_shift.get(int(year), 0.0) for year in range(STUDY_START.year, STUDY_END.year + 1)]
+    )[np.clip(index_year, STUDY_START.year, STUDY_END.year) - STUDY_START.year]
+    if profile.follow_up_clinic > 0:
+        site_shift = site_shift + FOLLOW_UP_CLINIC_LOG_OR * (rng.random(n) < profile.follow_up_clinic)
+    readmission_risk = sigmoid(readmission_logit(state, site_shift, profile.risk_effect_scale))
     early_death_probability = _probability(EARLY_DEATH, predictors)
     return _Patients(
         state=state, age_decades=age_decades, birth=birth, index_start=index_start, index_end=index_start + los,
@@ -719,9 +728,10 @@ def _draw_course(rng: np.random.Generator, profile: SiteProfile, patients: _Pati
     })
 
 
-def _draw_visits(rng: np.random.Generator, patients: _Patients, course: _Course,
+def _draw_visits(rng: np.random.Generator, profile: SiteProfile, patients: _Patients, course: _Course,
                  id_base: np.int64) -> tuple[dict[str, np.ndarray], dict[str, _VisitGroup]]:
-    """Return the visit rows and each kind of visit: the index stay, visits before it and after discharge."""
+    """Return the visit rows and each kind of visit the site records: the index stay, visits before it
+    and after discharge. Of the unplanned ones, only the site's `record_coverage` share reaches its record."""
     visit_log = _VisitLog(id_base)
     everyone = np.arange(patients.count)
     index_start, index_end = patients.index_start, patients.index_end
@@ -733,27 +743,36 @@ def _draw_visits(rng: np.random.Generator, patients: _Patients, course: _Course,
     visits = {"index": visit_log.add(everyone, vocab.VISIT_EMERGENCY_INPATIENT, index_start, index_end,
                                      vocab.ADMITTED_FROM_EMERGENCY_ROOM, discharged_to)}
 
+    def add(kind: str, who: np.ndarray, concept: int, start: np.ndarray, end: np.ndarray, admitted_from: int,
+            anywhere: bool = True) -> None:
+        # An unplanned visit may happen at another hospital, outside the site's record.
+        seen = _at_this_site(rng, who.shape[0], profile.record_coverage) if anywhere else slice(None)
+        visits[kind] = visit_log.add(who[seen], concept, start[seen], end[seen], admitted_from, vocab.DISCHARGED_HOME)
+
     # Prior-year admissions end before the index stay starts.
     who = np.repeat(everyone, patients.state.prior_admissions_365d)
     gap = rng.integers(*PRIOR_ADMISSION_DAYS_BEFORE, who.shape[0])
     stay = np.minimum(1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["prior_admission"], who.shape[0]), gap - 1)
     start = index_start[who] - gap
-    visits["prior_admission"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, start + stay,
-                                              vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    add("prior_admission", who, vocab.VISIT_EMERGENCY_INPATIENT, start, start + stay, vocab.ADMITTED_FROM_EMERGENCY_ROOM)
     who = np.repeat(everyone, patients.older_admissions)
     start = index_start[who] - rng.integers(*OLDER_ADMISSION_DAYS_BEFORE, who.shape[0])
     end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["older_admission"], who.shape[0])
-    visits["older_admission"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, end,
-                                              vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    add("older_admission", who, vocab.VISIT_EMERGENCY_INPATIENT, start, end, vocab.ADMITTED_FROM_EMERGENCY_ROOM)
     who = everyone[patients.earlier_hf_gap > 0]
     start = index_start[who] - patients.earlier_hf_gap[who]
     end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["earlier_hf"], who.shape[0])
-    visits["earlier_hf"] = visit_log.add(who, vocab.VISIT_EMERGENCY_INPATIENT, start, end,
-                                         vocab.ADMITTED_FROM_EMERGENCY_ROOM, vocab.DISCHARGED_HOME)
+    add("earlier_hf", who, vocab.VISIT_EMERGENCY_INPATIENT, start, end, vocab.ADMITTED_FROM_EMERGENCY_ROOM)
     who = np.repeat(everyone, patients.state.ed_visits_180d)
     start = index_start[who] - rng.integers(*ED_VISIT_DAYS_BEFORE, who.shape[0])
-    visits["ed_before"] = visit_log.add(who, vocab.VISIT_EMERGENCY, start, start, vocab.ADMITTED_FROM_HOME,
-                                        vocab.DISCHARGED_HOME)
+    add("ed_before", who, vocab.VISIT_EMERGENCY, start, start, vocab.ADMITTED_FROM_HOME)
+    # Elective stays at this (referral) hospital: recorded, counted among prior admissions, no risk.
+    who = (np.repeat(everyone, rng.poisson(profile.elective_admissions_365d, patients.count))
+           if profile.elective_admissions_365d > 0 else everyone[:0])
+    gap = rng.integers(*PRIOR_ADMISSION_DAYS_BEFORE, who.shape[0])
+    stay = np.minimum(1 + rng.poisson(STAY_EXTRA_DAYS_MEAN["planned"], who.shape[0]), gap - 1)
+    start = index_start[who] - gap
+    add("elective_before", who, vocab.VISIT_INPATIENT, start, start + stay, vocab.ADMITTED_FROM_HOME, anywhere=False)
 
     for kind, (concept, admitted_from) in FOLLOW_UP_VISITS.items():
         happens, day = course.follow_up[kind]
@@ -763,8 +782,13 @@ def _draw_visits(rng: np.random.Generator, patients: _Patients, course: _Course,
             end = start + 1 + rng.poisson(STAY_EXTRA_DAYS_MEAN[kind], who.shape[0])
         else:
             end = start
-        visits[kind] = visit_log.add(who, concept, start, end, admitted_from, vocab.DISCHARGED_HOME)
+        add(kind, who, concept, start, end, admitted_from, anywhere=kind != "planned")
     return visit_log.rows.concat(), visits
+
+
+def _at_this_site(rng: np.random.Generator, n: int, coverage: float) -> np.ndarray:
+    """Return which of n visits happen where the site's record sees them (all, without a draw, at coverage 1)."""
+    return np.ones(n, bool) if coverage >= 1.0 else rng.random(n) < coverage
 
 
 def _draw_deaths(rng: np.random.Generator, patients: _Patients, course: _Course,
@@ -786,9 +810,9 @@ def _draw_deaths(rng: np.random.Generator, patients: _Patients, course: _Course,
 
 
 def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _Patients, course: _Course,
-                     visits: dict[str, _VisitGroup]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                     visits: dict[str, _VisitGroup]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Return the diagnosis rows (the index stay's, comorbidities, and every other visit's main diagnosis)
-    and the planned stays' main diagnoses."""
+    and the main diagnoses of the planned stays, by kind (after discharge, elective before the index stay)."""
     diagnoses = _DiagnosisLog()
     diagnose = diagnoses.add
     n, index = patients.count, visits["index"]
@@ -824,7 +848,11 @@ def _draw_conditions(rng: np.random.Generator, profile: SiteProfile, patients: _
     known_hf = rng.random(prior.who.shape[0]) < KNOWN_HF_AT_PRIOR_ADMISSION
     diagnose(prior.subset(known_hf), vocab.CONDITION_SECONDARY, np.int32(_HF_SECONDARY_IDX))
     planned_code = _diagnose_follow_up(rng, diagnoses, visits, hf_code, course.hf_main_diagnosis, female, comorbidity)
-    return diagnoses.rows.concat(), planned_code
+    elective = visits["elective_before"]
+    elective_code = (_PLANNED_CODE_IDX[_pick(rng, elective.who.shape[0], _PLANNED_CODE_IDX.size)]
+                     if elective.who.size else np.zeros(0, np.int32))
+    diagnose(elective, vocab.CONDITION_PRIMARY, elective_code)
+    return diagnoses.rows.concat(), {"planned": planned_code, "elective_before": elective_code}
 
 
 def _diagnose_follow_up(rng: np.random.Generator, diagnoses: _DiagnosisLog, visits: dict[str, _VisitGroup],
@@ -898,7 +926,8 @@ def _draw_measurements(rng: np.random.Generator, profile: SiteProfile, patients:
     value = measurements["value"].copy()
     for lab_idx, lab in enumerate(_LAB_NAMES):
         of_lab = measurements["lab"] == lab_idx
-        value[of_lab] = np.round(value[of_lab], LAB_DECIMALS.get(lab, 0))
+        # Recorded as the site's assay reports it (its calibration against the true value).
+        value[of_lab] = np.round(value[of_lab] * profile.lab_calibration.get(lab, 1.0), LAB_DECIMALS.get(lab, 0))
     return {**measurements, "value": value}
 
 
@@ -927,13 +956,16 @@ def _draw_prescriptions(rng: np.random.Generator, patients: _Patients, course: _
 
 
 # ---------------------------------------------------------------- OMOP tables
-def _device_procedures(patients: _Patients, planned: _VisitGroup, planned_code: np.ndarray) -> dict[str, np.ndarray]:
+def _device_procedures(patients: _Patients, visits: dict[str, _VisitGroup],
+                       planned_code: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the procedure rows: the device implanted at each planned device stay, on its first day."""
-    device = planned_code == _CONDITION_INDEX[vocab.DEVICE_STAY_CODE]
-    stays = planned.subset(device)
-    crt = patients.state.ef_reduced[stays.who]
-    return {"person": stays.who, "date": stays.start, "visit": stays.ids,
-            "code": np.where(crt, _PROCEDURE_CODES.index("FPE26"), _PROCEDURE_CODES.index("FPE20")).astype(np.int32)}
+    rows = _Events.empty(["person", "date", "visit", "code"])
+    for kind, code in planned_code.items():
+        stays = visits[kind].subset(code == _CONDITION_INDEX[vocab.DEVICE_STAY_CODE])
+        crt = patients.state.ef_reduced[stays.who]
+        rows.add(person=stays.who, date=stays.start, visit=stays.ids,
+                 code=np.where(crt, _PROCEDURE_CODES.index("FPE26"), _PROCEDURE_CODES.index("FPE20")).astype(np.int32))
+    return rows.concat()
 
 
 def _sorted(person: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:

@@ -53,35 +53,64 @@ class PatientState:
     unrecorded_risk: np.ndarray
 
 
-def readmission_logit(state: PatientState, site_shift: float) -> np.ndarray:
-    """Return each patient's true log-odds of unplanned readmission within 30 days."""
+def risk_terms(state: PatientState) -> dict[str, np.ndarray]:
+    """Return each named term of the true log-odds of readmission (coefficient included), before any site's scaling.
+
+    A site's `risk_effect_scale` multiplies terms by name (concept shift: a
+    predictor that works differently at one hospital), so the names are part
+    of the site configuration's vocabulary (RISK_TERMS).
+    """
     comorbidity = state.comorbidity
     comorbidity_burden = sum(comorbidity[name].astype(float) for name in comorbidity)
-    logit = (
-        BASELINE_LOGIT
-        + site_shift
-        + 0.50 * np.log1p(state.prior_admissions_365d)
-        + 0.30 * state.prior_hf_hospitalisation
-        + 0.10 * np.log1p(state.ed_visits_180d)
-        + 0.08 * np.log(np.clip(state.los_days, 1, None) / 5.0)
-        + 0.04 * comorbidity_burden
-        + 0.40 * (state.egfr < 30) + 0.10 * (state.egfr < 45)
-        + 0.25 * comorbidity["copd"] + 0.20 * comorbidity["psychiatric"]
-        + 0.15 * comorbidity["diabetes"] + 0.10 * comorbidity["cancer"]
-        + 0.25 * (np.log(state.nt_probnp) - np.log(3500.0))
-        + 0.010 * np.clip(125.0 - state.haemoglobin, 0, None)
-        + 0.05 * np.clip(136.0 - state.sodium, 0, None)
-        + 0.25 * (state.potassium - 4.2) ** 2
-        + 0.005 * (state.age - 78.0) + 0.15 * (state.age >= 90)
-        - 0.10 * state.female
-        - 0.004 * (state.systolic_bp - 125.0)
-        - 0.25 * (state.on_ras_or_arni & state.on_beta_blocker)
-        + 0.10 * state.ef_reduced
-        + 0.30 * state.frailty
-        + 0.45 * state.unrecorded_risk
-        + 0.08 * state.frailty * np.log1p(state.prior_admissions_365d)
-    )
-    return logit
+    return {
+        "prior_admissions": 0.50 * np.log1p(state.prior_admissions_365d),
+        "prior_hf_hospitalisation": 0.30 * state.prior_hf_hospitalisation,
+        "ed_visits": 0.10 * np.log1p(state.ed_visits_180d),
+        "length_of_stay": 0.08 * np.log(np.clip(state.los_days, 1, None) / 5.0),
+        "comorbidity_burden": 0.04 * comorbidity_burden,
+        "renal_function": 0.40 * (state.egfr < 30) + 0.10 * (state.egfr < 45),
+        "copd": 0.25 * comorbidity["copd"],
+        "psychiatric": 0.20 * comorbidity["psychiatric"],
+        "diabetes": 0.15 * comorbidity["diabetes"],
+        "cancer": 0.10 * comorbidity["cancer"],
+        "nt_probnp": 0.25 * (np.log(state.nt_probnp) - np.log(3500.0)),
+        "anaemia": 0.010 * np.clip(125.0 - state.haemoglobin, 0, None),
+        "hyponatraemia": 0.05 * np.clip(136.0 - state.sodium, 0, None),
+        "potassium": 0.25 * (state.potassium - 4.2) ** 2,
+        "age": 0.005 * (state.age - 78.0) + 0.15 * (state.age >= 90),
+        "female": -0.10 * state.female,
+        "systolic_bp": -0.004 * (state.systolic_bp - 125.0),
+        "guideline_drugs": -0.25 * (state.on_ras_or_arni & state.on_beta_blocker),
+        "reduced_ef": 0.10 * state.ef_reduced,
+        "frailty": 0.30 * state.frailty,
+        "unrecorded_risk": 0.45 * state.unrecorded_risk,
+        "frailty_with_prior_admissions": 0.08 * state.frailty * np.log1p(state.prior_admissions_365d),
+    }
+
+
+#: The names of the risk terms, in order: the keys a site's `risk_effect_scale` may use.
+RISK_TERMS: tuple[str, ...] = (
+    "prior_admissions", "prior_hf_hospitalisation", "ed_visits", "length_of_stay", "comorbidity_burden",
+    "renal_function", "copd", "psychiatric", "diabetes", "cancer", "nt_probnp", "anaemia", "hyponatraemia",
+    "potassium", "age", "female", "systolic_bp", "guideline_drugs", "reduced_ef", "frailty", "unrecorded_risk",
+    "frailty_with_prior_admissions",
+)
+
+
+def readmission_logit(state: PatientState, site_shift: float | np.ndarray,
+                      effect_scale: dict[str, float] | None = None) -> np.ndarray:
+    """Return each patient's true log-odds of unplanned readmission within 30 days.
+
+    `site_shift` moves every patient's log-odds (the site's base rate, and
+    per patient any site effect such as follow-up care); `effect_scale`
+    multiplies named terms (RISK_TERMS) at this site.
+    """
+    scale = effect_scale or {}
+    unknown = sorted(set(scale) - set(RISK_TERMS))
+    if unknown:
+        raise ValueError(f"risk_effect_scale: unknown risk terms {unknown}; known: {list(RISK_TERMS)}")
+    terms = risk_terms(state)
+    return BASELINE_LOGIT + site_shift + sum(scale.get(name, 1.0) * terms[name] for name in RISK_TERMS)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

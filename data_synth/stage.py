@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from compendium.params import Profile
+from data_synth import heterogeneity
 from data_synth.cohort import Attrition, CohortSpec, write_cohort
 from data_synth.features import LABEL, SPLIT
 from data_synth.generator import GROUND_TRUTH_FILE, generate_site, true_risk
@@ -56,8 +57,19 @@ def run(profile: Profile, output_dir: Path, progress: bool = True) -> dict[str, 
     return results
 
 
-def summary(profile: Profile, results: dict[str, SiteResult]) -> dict:
-    """Return stage 1's summary.json content: per site size, readmission rate, oracle AUROC."""
+def transport(profile: Profile, results: dict[str, SiteResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the transport gap between the profile's own cohorts, and each group of site differences'
+    gap alone (sites regenerated at `synthetic.transport_patients` each: data_synth.heterogeneity)."""
+    cohorts = {site: result.cohort for site, result in results.items()}
+    attribution = heterogeneity.knob_attribution(profile.site_profiles(), profile.synthetic.transport_patients,
+                                                 profile.seed, cohort_spec(profile))
+    return heterogeneity.transport_gap(cohorts), attribution
+
+
+def summary(profile: Profile, results: dict[str, SiteResult], transport_gap: pd.DataFrame | None = None,
+            attribution: pd.DataFrame | None = None) -> dict:
+    """Return stage 1's summary.json content: per site size, readmission rate, oracle AUROC, and the
+    transport gaps (when given)."""
     sites = {}
     for site, result in results.items():
         labels = result.cohort[LABEL].to_numpy()
@@ -79,4 +91,7 @@ def summary(profile: Profile, results: dict[str, SiteResult]) -> dict:
         "total": {"index_admissions": int(all_labels.size), "readmission_rate": round(float(all_labels.mean()), 4)},
         "attrition": {site: {step: count for step, count in asdict(result.attrition).items() if step != "extra"}
                       for site, result in results.items()},
+        **({"transport_gap": transport_gap.to_dict(orient="records")} if transport_gap is not None else {}),
+        **({"transport_by_knob": {"patients_per_site": profile.synthetic.transport_patients,
+                                  "rows": attribution.to_dict(orient="records")}} if attribution is not None else {}),
     }
