@@ -177,6 +177,7 @@ def plot_knob_attribution(table: pd.DataFrame):
     axes[0].set_xlabel("AUROC lost against the site's own model\n(dashed: published median, 0.05)")
     axes[1].axvline(0, color="black", linewidth=0.8)
     axes[1].set_xlabel("observed / expected readmissions - 1\n(0: calibrated in the large)")
-    axes[1].legend(frameon=False, fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, frameon=False, fontsize=9, loc="upper center", ncol=2)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_synth.sites import RISK_TERMS
+
 #: Log-odds of readmission for a reference patient before the site shift,
 #: chosen so the pooled base rate lands near 19% (docs/calibration.md
 #: "Readmission": 18-20%) after deaths compete.
@@ -86,15 +88,6 @@ def risk_terms(state: PatientState) -> dict[str, np.ndarray]:
         "unrecorded_risk": 0.45 * state.unrecorded_risk,
         "frailty_with_prior_admissions": 0.08 * state.frailty * np.log1p(state.prior_admissions_365d),
     }
-
-
-#: The names of the risk terms, in order: the keys a site's `risk_effect_scale` may use.
-RISK_TERMS: tuple[str, ...] = (
-    "prior_admissions", "prior_hf_hospitalisation", "ed_visits", "length_of_stay", "comorbidity_burden",
-    "renal_function", "copd", "psychiatric", "diabetes", "cancer", "nt_probnp", "anaemia", "hyponatraemia",
-    "potassium", "age", "female", "systolic_bp", "guideline_drugs", "reduced_ef", "frailty", "unrecorded_risk",
-    "frailty_with_prior_admissions",
-)
 
 
 def readmission_logit(state: PatientState, site_shift: float | np.ndarray,

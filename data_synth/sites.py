@@ -27,6 +27,15 @@ COMORBIDITIES = (
     "dementia",
 )
 
+#: The named terms of the true readmission risk (data_synth.risk.risk_terms), in order: the keys a site's
+#: `risk_effect_scale` may use.
+RISK_TERMS: tuple[str, ...] = (
+    "prior_admissions", "prior_hf_hospitalisation", "ed_visits", "length_of_stay", "comorbidity_burden",
+    "renal_function", "copd", "psychiatric", "diabetes", "cancer", "nt_probnp", "anaemia", "hyponatraemia",
+    "potassium", "age", "female", "systolic_bp", "guideline_drugs", "reduced_ef", "frailty", "unrecorded_risk",
+    "frailty_with_prior_admissions",
+)
+
 #: Index-stay laboratory tests (keys of missingness tables; LOINC in vocabulary).
 LABS = ("nt_probnp", "creatinine", "sodium", "potassium", "haemoglobin", "systolic_bp", "lvef")
 
@@ -70,7 +79,7 @@ class SiteProfile(BaseModel):
     readmission_logit_shift: Annotated[float, Field(ge=-3, le=3)]
     # ---- How this hospital differs from others (docs/calibration.md "Site differences"; each knob at its
     # neutral value makes no difference, and the data card shows the transport gap each one produces).
-    # Concept shift: multipliers of named terms of the true risk (data_synth.risk.RISK_TERMS), e.g. follow-up
+    # Concept shift: multipliers of named terms of the true risk (RISK_TERMS above), e.g. follow-up
     # care that weakens how prior admissions relate to readmission. Missing terms are 1.
     risk_effect_scale: dict[str, Annotated[float, Field(ge=0, le=3)]] = {}
     # Share of discharged patients followed up by a nurse-led heart-failure clinic (lowers their risk by
@@ -109,8 +118,6 @@ class SiteProfile(BaseModel):
                 f"hf_code_weights must use heart-failure index codes {list(HF_INDEX_CODES)}; "
                 f"unknown {unknown_codes}"
             )
-        from data_synth.risk import RISK_TERMS
-
         for field, known in (("risk_effect_scale", RISK_TERMS), ("lab_calibration", LABS)):
             unknown = sorted(set(getattr(self, field)) - set(known))
             if unknown:

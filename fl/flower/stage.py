@@ -19,7 +19,7 @@ from compendium.params import Profile, load_params, profile_path
 from fl.baselines import shared_schema, site_splits
 from fl.baselines.stage import auroc_cell
 from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, SiteSplit, site_dir
-from fl.evaluate import DELONG_COLUMNS, delong_test, evaluate
+from fl.evaluate import DELONG_COLUMNS, delong_test, evaluate, not_estimable_reason, recalibrated, recalibration
 from fl.federated import predict
 from fl.flower import engine
 from fl.flower.server_app import LEDGER_FILE, FederationResult
@@ -36,6 +36,9 @@ class StrategyRun:
     predictions: dict[str, np.ndarray]
     metrics: dict[str, dict]
     seconds: float
+    #: per site: the global model recalibrated on the site's own training split (intercept, slope) and its
+    #: test metrics; empty where a site's training split has one class
+    recalibrated: dict[str, dict]
 
 
 def run_strategy(profile: Profile, params_file: Path, strategy: str, build_dir: Path, output_dir: Path) -> FederationResult:
@@ -67,16 +70,52 @@ def run(profile: Profile, build_dir: Path, output_dir: Path, params_file: Path |
     """Run every strategy of the profile and score each final model on every site's test split."""
     params_file = Path(params_file or profile_path(profile.profile))
     test = site_splits(build_dir, profile.sites, "test")
+    train = site_splits(build_dir, profile.sites, "train")
     rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 4]))
     runs = {}
     for strategy in profile.federated.strategies:
         result, seconds = engine.timed(run_strategy, profile, params_file, strategy, build_dir, output_dir)
-        predictions = {site: predict(profile.baselines.model, tuple(profile.baselines.mlp_hidden), result.weights,
-                                     result.spec.transform(data.features)) for site, data in test.items()}
-        metrics = {site: evaluate(test[site].labels, scores, profile.baselines.bootstrap_resamples, rng)
-                   for site, scores in predictions.items()}
-        runs[strategy] = StrategyRun(result, Path(output_dir) / strategy, predictions, metrics, seconds)
+
+        def scores(data: SiteSplit) -> np.ndarray:
+            return predict(profile.baselines.model, tuple(profile.baselines.mlp_hidden), result.weights,
+                           result.spec.transform(data.features))
+
+        predictions = {site: scores(data) for site, data in test.items()}
+        metrics = {site: evaluate(test[site].labels, site_scores, profile.baselines.bootstrap_resamples, rng)
+                   for site, site_scores in predictions.items()}
+        recalibrated = {site: site_recalibration(train[site].labels, scores(train[site]), test[site].labels,
+                                                 predictions[site], profile.baselines.bootstrap_resamples, rng)
+                        for site in test}
+        runs[strategy] = StrategyRun(result, Path(output_dir) / strategy, predictions, metrics, seconds, recalibrated)
     return runs
+
+
+def site_recalibration(train_labels: np.ndarray, train_scores: np.ndarray, test_labels: np.ndarray,
+                       test_scores: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
+    """Return a site's recalibration of the global model (intercept and slope fitted on its own training
+    split, which never leaves it) and the recalibrated model's test metrics; empty without both classes."""
+    if not_estimable_reason(train_labels) is not None or not_estimable_reason(test_labels) is not None:
+        return {}
+    intercept, slope = recalibration(train_labels, train_scores)
+    return {"intercept": round(intercept, 4), "slope": round(slope, 4),
+            **evaluate(test_labels, recalibrated(test_scores, intercept, slope), resamples, rng)}
+
+
+def calibration_table(runs: dict[str, StrategyRun], sites: tuple[str, ...]) -> pd.DataFrame:
+    """Return per strategy and site the global model's calibration on the test split, before and after the
+    site's own recalibration (observed/expected in the large is the intercept's job, spread the slope's)."""
+    rows = []
+    for strategy, run in runs.items():
+        for site in sites:
+            before, after = run.metrics[site], run.recalibrated.get(site, {})
+            rows.append({"strategy": strategy, "site": site,
+                         "calibration slope": before.get("calibration_slope"),
+                         "calibration intercept": before.get("calibration_intercept"),
+                         "Brier": before.get("brier"),
+                         "recalibrated slope": after.get("calibration_slope"),
+                         "recalibrated intercept": after.get("calibration_intercept"),
+                         "recalibrated Brier": after.get("brier")})
+    return pd.DataFrame(rows).set_index(["strategy", "site"])
 
 
 def baseline_predictions(build_dir: Path) -> pd.DataFrame:
@@ -152,6 +191,16 @@ def summary(profile: Profile, runs: dict[str, StrategyRun]) -> dict:
         "strategies": list(runs),
         "auroc": {strategy: {site: run.metrics[site].get("auroc") for site in sites} for strategy, run in runs.items()},
         "brier": {strategy: {site: run.metrics[site].get("brier") for site in sites} for strategy, run in runs.items()},
+        "calibration_slope": {strategy: {site: run.metrics[site].get("calibration_slope") for site in sites}
+                              for strategy, run in runs.items()},
+        "calibration_intercept": {strategy: {site: run.metrics[site].get("calibration_intercept") for site in sites}
+                                  for strategy, run in runs.items()},
+        # Each site's recalibration of the global model on its own training split (a local step: the two
+        # numbers stay at the site); the same test split as above.
+        "site_recalibrated": {strategy: {site: {key: run.recalibrated[site].get(key) for key in
+                                                ("intercept", "slope", "auroc", "brier", "calibration_slope",
+                                                 "calibration_intercept")} if run.recalibrated.get(site) else None
+                                         for site in sites} for strategy, run in runs.items()},
         "not_estimable": {site: run.metrics[site]["not_estimable"] for run in runs.values() for site in sites
                           if "not_estimable" in run.metrics[site]},
         "bytes_exchanged_per_site": {
