@@ -620,9 +620,7 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
         on_mra=on_drug["mra"], unrecorded_risk=rng.standard_normal(n),
     )
     # The site's own shifts: its base rate, its calendar years, its follow-up clinic (none recorded).
-    site_shift = profile.readmission_logit_shift + np.array(
-        [profile.calendar_logit_shift.get(int(year), 0.0) for year in range(STUDY_START.year, STUDY_END.year + 1)]
-    )[np.clip(index_year, STUDY_START.year, STUDY_END.year) - STUDY_START.year]
+    site_shift = profile.readmission_logit_shift + _by_index_year(profile.calendar_logit_shift, index_year)
     if profile.follow_up_clinic > 0:
         site_shift = site_shift + FOLLOW_UP_CLINIC_LOG_OR * (rng.random(n) < profile.follow_up_clinic)
     readmission_risk = sigmoid(readmission_logit(state, site_shift, profile.risk_effect_scale))
@@ -633,6 +631,13 @@ def _draw_patients(rng: np.random.Generator, profile: SiteProfile, n: int) -> _P
         readmission_risk=readmission_risk, early_death_probability=early_death_probability,
         true_risk=readmission_risk * (1 - early_death_probability * _DEATH_BEFORE_READMISSION),
     )
+
+
+def _by_index_year(values: dict[int, float], index_year: np.ndarray) -> np.ndarray:
+    """Return each patient's value for their index year (years outside the study window take its nearest
+    year; years not listed are 0)."""
+    table = np.array([values.get(year, 0.0) for year in range(STUDY_START.year, STUDY_END.year + 1)])
+    return table[np.clip(index_year, STUDY_START.year, STUDY_END.year) - STUDY_START.year]
 
 
 def _age_gamma(median: float, sd: float) -> tuple[float, float]:
@@ -685,12 +690,8 @@ def _draw_discharge_drugs(rng: np.random.Generator, profile: SiteProfile, predic
     on_beta_blocker = rng.random(n) < _probability(DISCHARGE_DRUGS["beta_blocker"], predictors)
     on_mra = rng.random(n) < _probability(DISCHARGE_DRUGS["mra"], predictors)
     on_loop = rng.random(n) < _probability(DISCHARGE_DRUGS["loop_diuretic"], predictors)
-    year = np.clip(index_year, STUDY_START.year, STUDY_END.year)
-    diabetes_rate = np.array([SGLT2_DIABETES_RATE[y] for y in range(STUDY_START.year, STUDY_END.year + 1)])
-    hfref_rate = np.array([SGLT2_HFREF_RATE.get(y, 0.0) for y in range(STUDY_START.year, STUDY_END.year + 1)])
-    by_year = year - STUDY_START.year
-    sglt2_rate = np.where(predictors["diabetes"], diabetes_rate[by_year],
-                          np.where(predictors["hfref"], hfref_rate[by_year], 0.0))
+    sglt2_rate = np.where(predictors["diabetes"], _by_index_year(SGLT2_DIABETES_RATE, index_year),
+                          np.where(predictors["hfref"], _by_index_year(SGLT2_HFREF_RATE, index_year), 0.0))
     on_sglt2 = rng.random(n) < sglt2_rate
     on_drug = {
         "loop_diuretic": on_loop, "ace_inhibitor_or_arb": on_ras_or_arni & ~arni, "arni": arni,
