@@ -80,11 +80,54 @@ class BaselineParams(_Strict):
     sweep_repeats: Annotated[int, Field(ge=1, le=50)] = 3
 
 
-class FederatedParams(_Strict):
-    """Stage 3: federated training between the sites (model class from `baselines.model`)."""
+class SelectionParams(_Strict):
+    """Federated model selection: a grid of local-training settings, each run as a federation on the
+    sites' training data with a validation share held out at every site; the candidate and round with
+    the lowest validation loss (example-weighted over sites) are chosen for every strategy."""
 
-    strategies: Annotated[list[Literal["fedavg", "fedprox", "fedadam"]], Field(min_length=1)] = [
-        "fedavg", "fedprox", "fedadam"]
+    enabled: bool = True
+    validation_fraction: Annotated[float, Field(ge=0.05, le=0.5)] = 0.2
+    #: Per local optimiser, the learning rates tried (Adam's steps are about the rate; SGD's scale with
+    #: the gradient, so their useful ranges differ).
+    learning_rates: dict[Literal["adam", "sgd"], Annotated[list[Annotated[float, Field(gt=0, le=10)]],
+                                                           Field(min_length=1)]] = {
+        "sgd": [0.5, 1.5], "adam": [0.01, 0.05]}
+    local_epochs: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(min_length=1)] = [1, 5]
+    weight_decays: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [1e-4]
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _some_optimiser(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("name at least one optimiser (adam or sgd) with its learning rates")
+        return value
+
+
+class MapParams(_Strict):
+    """The size x heterogeneity map (synthetic data only): the smaller hospital's training share times
+    how far its partner differs (0: alike but for size, 1: the configured sites, 2: every difference doubled)."""
+
+    enabled: bool = True
+    size_fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.1, 0.3, 1.0]
+    levels: Annotated[list[Annotated[float, Field(ge=0, le=3)]], Field(min_length=1)] = [0.0, 1.0, 2.0]
+    repeats: Annotated[int, Field(ge=2, le=50)] = 3
+
+
+class FederatedParams(_Strict):
+    """Stage 3: federated training between the sites (model class from `baselines.model`).
+
+    `optimizer`, `learning_rate`, `local_epochs`, `weight_decay` and `rounds` are the settings used
+    when `selection.enabled` is false; with selection they are replaced by the chosen ones (and
+    `rounds` is the most the selection tries).
+    """
+
+    strategies: Annotated[list[Literal["fedavg", "fedprox", "fedadam", "fedper"]], Field(min_length=1)] = [
+        "fedavg", "fedprox", "fedadam", "fedper"]
+    #: What each site does with every strategy's final model, at home (FedPer adds its own head).
+    personalisation: list[Literal["finetune", "recalibrate"]] = ["finetune", "recalibrate"]
+    finetune_epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
+    selection: SelectionParams = SelectionParams()
+    map: MapParams = MapParams()
     rounds: Annotated[int, Field(ge=1, le=1000)] = 30
     local_epochs: Annotated[int, Field(ge=1, le=100)] = 5
     batch_size: Annotated[int, Field(ge=8)] | None = None

@@ -49,6 +49,53 @@ KNOB_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Neutral value of a key missing from one site's table, and the range every value must stay in, for
+#: the dict- and list-valued knobs (scalar knobs take their range from SiteProfile's own constraints).
+TABLE_KNOBS: dict[str, tuple[float, float, float]] = {  # field: (missing value, lowest, highest)
+    "comorbidity_prevalence": (0.0, 0.0, 1.0), "lab_missing": (0.0, 0.0, 1.0), "hf_code_weights": (0.0, 0.0, 1e9),
+    "risk_effect_scale": (1.0, 0.0, 3.0), "lab_calibration": (1.0, 0.5, 2.0), "calendar_logit_shift": (0.0, -3.0, 3.0),
+    "ef_class_probs": (0.0, 0.0, 1.0),
+}
+
+
+def _scalar_bounds(field: str) -> tuple[float, float]:
+    low, high = -np.inf, np.inf
+    for rule in SiteProfile.model_fields[field].metadata:
+        low = max(low, getattr(rule, "ge", None) if getattr(rule, "ge", None) is not None else low)
+        low = max(low, rule.gt + 1e-9) if getattr(rule, "gt", None) is not None else low
+        high = min(high, getattr(rule, "le", None) if getattr(rule, "le", None) is not None else high)
+        high = min(high, rule.lt - 1e-9) if getattr(rule, "lt", None) is not None else high
+    return low, high
+
+
+def partner_at(reference: SiteProfile, partner: SiteProfile, level: float) -> SiteProfile:
+    """Return `partner` with each of its differences from `reference` scaled by `level`.
+
+    Every knob of KNOB_GROUPS moves along the line from the reference site's
+    value (level 0: the partner is the reference hospital in every respect
+    but its size and seed) through the partner's configured value (level 1)
+    and beyond (level 2: every difference doubled), clipped to the knob's
+    valid range; probability vectors are renormalised. The partner's size
+    is kept.
+    """
+    update = {}
+    for field in (f for group in KNOB_GROUPS.values() for f in group):
+        a, b = getattr(reference, field), getattr(partner, field)
+        if isinstance(a, dict):
+            missing, low, high = TABLE_KNOBS[field]
+            moved = {key: round(float(np.clip(a.get(key, missing) + level * (b.get(key, missing) - a.get(key, missing)),
+                                              low, high)), 12) for key in sorted(set(a) | set(b), key=str)}
+            update[field] = {key: value for key, value in moved.items() if key in b or value != missing}
+        elif isinstance(a, list):
+            _, low, high = TABLE_KNOBS[field]
+            values = np.clip(np.asarray(a) + level * (np.asarray(b) - np.asarray(a)), low, high)
+            update[field] = [round(float(v), 12) for v in values / values.sum()]
+        else:
+            low, high = _scalar_bounds(field)
+            update[field] = round(float(np.clip(a + level * (b - a), low, high)), 12)
+    return SiteProfile.model_validate({**partner.model_dump(), **update})
+
+
 def fitted_model(cohort: pd.DataFrame) -> Pipeline:
     """Return a logistic regression (median imputation with missing indicators, standardised) fitted on
     the cohort's training split: the same kind of model stage 2 fits, in sklearn so stage 1 stays below fl."""

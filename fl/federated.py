@@ -16,7 +16,18 @@ import numpy as np
 from fl.models import build_model, get_weights, set_weights
 from fl.train import TrainConfig, fit
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedper")
+#: How a site can personalise the final global model (`personalised`); `own-head` only after FedPer.
+PERSONALISATION = ("finetune", "recalibrate", "own-head")
+
+
+def head_arrays(kind: str) -> int:
+    """Return how many of the model's last weight arrays form its head, which FedPer keeps at each site.
+
+    The logistic model's head is its intercept (a site's own base rate on the shared log-odds scale);
+    the MLP's is its output layer (weight and bias).
+    """
+    return 1 if kind == "logistic" else 2
 
 
 def round_seed(seed: int, site: str, server_round: int) -> int:
@@ -41,6 +52,64 @@ def local_update(kind: str, hidden: tuple[int, ...], weights: list[np.ndarray], 
     reference = [parameter.detach().clone() for parameter in model.parameters()] if config.proximal_mu > 0 else None
     history = fit(model, features, labels, config, seed=seed, reference=reference)
     return LocalResult(get_weights(model), int(len(labels)), float(history.train_loss[-1]))
+
+
+def personalised(methods: list[str], kind: str, hidden: tuple[int, ...], weights: list[np.ndarray],
+                 features: np.ndarray, labels: np.ndarray, held: np.ndarray, finetune: TrainConfig, seed: int,
+                 own_head: list[np.ndarray] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Return a site's personalised versions of the global `weights`, as arrays to keep at the site.
+
+    - `finetune`: training continues on the site's rows, stopped early on the held-out rows `held`
+      (`finetune.patience` epochs without a lower validation loss; the best epoch's weights);
+    - `recalibrate`: the global model plus an intercept and slope for its log-odds, fitted on all the
+      site's training rows (ranking unchanged: only calibration moves);
+    - `own-head`: after FedPer, the global body with the head the site kept (`weights` must already
+      carry it, `own_head` is that head).
+    Read them back with `personalised_predict`.
+    """
+    from fl.evaluate import recalibration
+
+    unknown = sorted(set(methods) - set(PERSONALISATION))
+    if unknown:
+        raise ValueError(f"unknown personalisation {unknown}; choose from {list(PERSONALISATION)}")
+    out = {}
+    for method in methods:
+        if method == "finetune":
+            model = build_model(kind, features.shape[1], seed=None, hidden=hidden)
+            set_weights(model, weights)
+            fit(model, features[~held], labels[~held], finetune, seed=seed, validation=(features[held], labels[held]))
+            arrays = get_weights(model)
+            extra = {}
+        elif method == "recalibrate":
+            if labels.min() == labels.max():
+                continue  # one outcome class: no slope to fit; the site keeps the global model
+            arrays = weights
+            intercept, slope = recalibration(labels, predict(kind, hidden, weights, features))
+            extra = {"recalibration": np.array([intercept, slope])}
+        else:
+            if own_head is None:
+                raise ValueError("own-head personalisation needs the head this site kept in FedPer training")
+            arrays, extra = weights, {}
+        out[method] = {**{f"weight_{i}": np.asarray(w) for i, w in enumerate(arrays)}, **extra}
+    return out
+
+
+def personalised_predict(kind: str, hidden: tuple[int, ...], saved, features: np.ndarray) -> np.ndarray:
+    """Return the predicted probabilities of a personalised model saved by `personalised`."""
+    weights = [np.asarray(saved[f"weight_{i}"]) for i in range(sum(k.startswith("weight_") for k in saved))]
+    probabilities = predict(kind, hidden, weights, features)
+    if "recalibration" in saved:
+        from fl.evaluate import recalibrated
+
+        intercept, slope = (float(v) for v in saved["recalibration"])
+        probabilities = recalibrated(probabilities, intercept, slope)
+    return probabilities
+
+
+def drift(site_weights: list[np.ndarray], global_weights: list[np.ndarray]) -> float:
+    """Return the L2 distance between a site's returned model and the new global model (all arrays)."""
+    return float(np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+                             for a, b in zip(site_weights, global_weights))))
 
 
 def weights_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:

@@ -109,6 +109,34 @@ def learning_curves(history: pd.DataFrame, reference: dict[str, float] | None = 
     return fig
 
 
+def selection_curves(curves: dict[str, list[float]], chosen: str, rounds: int):
+    """Return federated validation loss per round for every selection candidate (chosen one bold, its round marked)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, linewidth=2.5 if name == chosen else 1,
+                label=f"{name} (chosen)" if name == chosen else name)
+    ax.axvline(rounds, color="grey", linestyle=":", linewidth=1)
+    best = min(min(c) for c in curves.values())
+    ax.set_ylim(best - 0.01, best + 0.12)  # diverging candidates leave the frame rather than flatten the rest
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation loss (example-weighted over sites)")
+    ax.set_title("Federated model selection on training data: chosen candidate and its early-stopping round")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def drift_curves(history: pd.DataFrame):
+    """Return each site's local-model distance from the new global model per round, one panel per strategy."""
+    rows = history.dropna(subset=["drift"]) if "drift" in history else history.iloc[0:0]
+    grid = sns.relplot(data=rows, x="round", y="drift", hue="site", col="strategy", kind="line", marker="o",
+                       height=3.0, aspect=1.1)
+    grid.set_axis_labels("round", "L2 distance from the global model")
+    grid.figure.suptitle("Client drift: how far each hospital's local model ends from the average, per round",
+                         y=1.05)
+    return grid.figure
+
+
 def bytes_per_round(table: pd.DataFrame):
     """Return bytes sent per round and direction, summed over sites, for each strategy."""
     totals = table.groupby(["strategy", "round", "direction"], as_index=False)["bytes"].sum()

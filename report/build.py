@@ -163,9 +163,37 @@ def collect(build_dir: Path) -> dict:
                                         if o["path"].endswith(("cohort.parquet", "summary.json", "final_model.npz"))]}
                        for s, m in manifests.items()],
         "packages": first["packages"],
+        **question1(build_dir, fed, base, sites),
         "experiments": [_renamed(e, STAGES[0], stages[0]) for e in
                         yaml.safe_load((REPORT_DIR / "experiments.yaml").read_text())["experiments"]],
     }
+
+
+def question1(build_dir: Path, fed: dict, base: dict, sites: list[str]) -> dict:
+    """Return what Question 1's chapter reads: each hospital's gain from federation (DeLong difference of
+    FedAvg, and of FedAvg fine-tuned at the hospital, against its own model, on its test patients), the
+    settings federated model selection chose, and the size x difference map (synthetic data only)."""
+    paired = pd.read_csv(build_dir / "03_federated_training" / "paired_comparisons.csv")
+    gains = []
+    for site in sites:
+        row = {"site": site, "own": _value(base["auroc"].get(f"local_{site}", {}).get(site)),
+               "pooled": _value(base["auroc"]["pooled"][site])}
+        for name, strategy in (("federated", "fedavg"), ("finetuned", "fedavg+finetune")):
+            test = paired[(paired["strategy"] == strategy) & (paired["test_site"] == site)
+                          & (paired["versus"] == f"local_{site}")]
+            row[name] = None if test.empty else {key: float(test.iloc[0][key]) for key in
+                                                 ("auroc_a", "difference", "lower", "upper")}
+        gains.append(row)
+    chosen = fed.get("selection")
+    federation_map = fed.get("federation_map")
+    default_cell = None
+    if federation_map:
+        cells = [c for c in federation_map["cells"] if c["role"] == "smaller" and c["model"] == "federated"]
+        largest = max(c["small_train_stays"] for c in cells)
+        default_cell = min(cells, key=lambda c: (abs(c["level"] - 1.0), largest - c["small_train_stays"]))
+    figure = build_dir / "03_federated_training" / "figures" / "federation_map.png"
+    return {"q1_gains": gains, "selection": chosen, "federation_map": federation_map, "map_default": default_cell,
+            "map_figure": _figure(figure) if federation_map and figure.is_file() else None}
 
 
 def privacy_findings(priv: dict) -> dict:

@@ -124,7 +124,17 @@ def test_federated_summary_and_ledger(smoke_run):
     root, _ = smoke_run
     folder = root / "smoke" / FEDERATED
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["strategies"] == ["fedavg", "fedprox", "fedadam"]
+    assert summary["strategies"] == ["fedavg", "fedprox", "fedadam", "fedper"]
+    # Model selection ran on training data and chose one of its candidates; every strategy trained with it.
+    chosen = summary["selection"]
+    assert chosen["chosen"]["optimizer"] in ("adam", "sgd") and 1 <= chosen["rounds"] <= 8
+    assert len(chosen["candidates"]) == 2 and summary["rounds"] == chosen["rounds"]
+    # Each site personalised every strategy's model at home; the models are in the site's own folder.
+    for strategy in summary["strategies"]:
+        for method in ("finetune", "recalibrate", *(("own-head",) if strategy == "fedper" else ())):
+            for site in ("halland", "sahlgrenska"):
+                assert summary["personalised"][strategy][method][site]["auroc"]["value"] > 0.5
+                assert (folder / "sites" / site / strategy / f"{method}.npz").is_file()
     # Smoke's Halland test split has about 360 stays and an oracle AUROC near 0.66 (an outcome as hard to
     # predict as published ones, issue 18), so "better than chance" is what this profile can show there; the
     # default profile's fitted range is held by tests/test_plausibility.py.

@@ -19,25 +19,26 @@ def sites(tmp_path_factory):
     return load_sites(tmp_path_factory.mktemp("build"), {"halland": 600, "sahlgrenska": 900}, seed=8)
 
 
-def _plain_model(sites, members):
+def _plain_model(sites, members, optimizer="adam", lr=LR):
     """The target pipeline (fl.federated) on the given member rows of each site."""
     chosen = {s: (d.features.loc[members[s]], d.labels[members[s]]) for s, d in sites.items()}
     spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([f for f, _ in chosen.values()]))
     start = initial_weights("logistic", spec.n_outputs, (), seed=3)
     data = {s: (spec.transform(f), y) for s, (f, y) in chosen.items()}
-    weights, _ = fedavg_plain("logistic", (), start, data, ROUNDS, TrainConfig(epochs=EPOCHS, learning_rate=LR,
-                              weight_decay=WD, patience=None), seed=0)
+    weights, _ = fedavg_plain("logistic", (), start, data, ROUNDS, TrainConfig(epochs=EPOCHS, learning_rate=lr,
+                              weight_decay=WD, optimizer=optimizer, patience=None), seed=0)
     return spec, weights, start
 
 
-def test_each_batched_model_equals_its_own_federated_run(sites):
+@pytest.mark.parametrize("optimizer, lr", [("adam", LR), ("sgd", 1.0)])
+def test_each_batched_model_equals_its_own_federated_run(sites, optimizer, lr):
     rng = np.random.default_rng(0)
     masks = membership_masks({s: len(d) for s, d in sites.items()}, 4, rng)
     tensors = {s: SiteTensors.of(d.features, d.labels) for s, d in sites.items()}
     _, _, start = _plain_model(sites, {s: masks[s][0].numpy() for s in sites})
-    batched = train_federated(tensors, masks, ROUNDS, EPOCHS, LR, WD, (start[0], start[1]))
+    batched = train_federated(tensors, masks, ROUNDS, EPOCHS, lr, WD, (start[0], start[1]), optimizer)
     for m in range(4):
-        spec, weights, _ = _plain_model(sites, {s: masks[s][m].numpy() for s in sites})
+        spec, weights, _ = _plain_model(sites, {s: masks[s][m].numpy() for s in sites}, optimizer, lr)
         mean, std = member_statistics(tensors, {s: masks[s][m:m + 1] for s in sites})
         np.testing.assert_allclose(mean[0].numpy(), spec.mean, rtol=1e-10)
         for s, data in sites.items():

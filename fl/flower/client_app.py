@@ -15,6 +15,7 @@ record of what crossed its boundary, in the same bytes as the server's ledger.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from flwr.common.serde import message_to_proto
 from data_synth.features import COHORT_FILE
 from fl.data import FeatureStatistics, PreprocessingSpec, SiteSplit, load_site
 from fl.evaluate import auroc, record_loss
-from fl.federated import local_update, predict, predict_logits, round_seed
+from fl.federated import local_update, personalised, predict, predict_logits, round_seed
 from fl.flower import protocol
 from fl.flower.isolation import check_site, confine_to_site
+from fl.train import validation_mask
 
 
 def site_ledger(msg: Message, context: Context, call_next) -> Message:
@@ -87,6 +89,30 @@ class LocalSplit:
         return self.matrices[spec.key]
 
 
+def site_output(context: Context, site: str) -> Path:
+    """Return the folder where this node keeps what stays at the site (its personalised models).
+
+    From node configuration `site-output` (a deployment, or the direct engine), else from the run
+    configuration's `site-outputs` list indexed by partition id (Flower's simulation).
+    """
+    if "site-output" in context.node_config:
+        return Path(str(context.node_config["site-output"]))
+    outputs = str(context.run_config.get("site-outputs", "")).split(",")
+    partition = int(context.node_config.get("partition-id", -1))
+    if not 0 <= partition < len(outputs) or not outputs[partition]:
+        raise ValueError(f"site {site!r} has no folder for what stays at the site (node config 'site-output')")
+    return Path(outputs[partition])
+
+
+def validation_rows(labels: np.ndarray, seed: int, site: str, fraction: float) -> np.ndarray:
+    """Return the boolean mask of this site's training rows held out for federated validation.
+
+    Drawn stratified from the site's own labels with a seed only the site's name and the run's seed
+    fix (round 0 of `round_seed`: no training round has that number), so it is the same in every round.
+    """
+    return validation_mask(labels, fraction, round_seed(seed, site, 0))
+
+
 @functools.lru_cache(maxsize=8)
 def _read_split(directory: Path, split: str, modified_ns: int) -> LocalSplit:
     return LocalSplit(load_site(directory, split))
@@ -125,17 +151,27 @@ def train(msg: Message, context: Context) -> Message:
     data = local.data
     config = msg.content[protocol.CONFIG]
     spec, train_config, kind, hidden, seed = protocol.read_settings(config, data.schema)
-    weights = msg.content[protocol.ARRAYS].to_numpy_ndarrays()
+    received = msg.content[protocol.ARRAYS].to_numpy_ndarrays()
+    weights = _with_own_head(received, config, context)
     seed_of_round = round_seed(seed, data.site, int(config["server-round"]))
     dp = protocol.read_dp(config)
+    features, labels = local.model_matrix(spec), data.labels
+    fraction = float(config.get(protocol.VALIDATION_FRACTION, 0.0))
+    if fraction > 0:  # federated model selection: train on the rest, validate on the held-out rows
+        keep = ~validation_rows(labels, seed, data.site, fraction)
+        features, labels = features[keep], labels[keep]
     metrics = {}
     if dp is None:
-        result = local_update(kind, hidden, weights, local.model_matrix(spec), data.labels, train_config, seed_of_round)
+        result = local_update(kind, hidden, weights, features, labels, train_config, seed_of_round)
     else:
-        result, metrics["epsilon"] = _dp_update(weights, local.model_matrix(spec), data.labels, dp, kind, context,
-                                                seed_of_round)
+        result, metrics["epsilon"] = _dp_update(weights, features, labels, dp, kind, context, seed_of_round)
+    head = int(config.get(protocol.PERSONAL_ARRAYS, 0))
+    sent = result.weights
+    if head:  # FedPer: the site keeps its own head; the server gets back the head it sent, unchanged
+        context.state[protocol.OWN_HEAD] = ArrayRecord(result.weights[-head:])
+        sent = result.weights[:-head] + received[-head:]
     content = RecordDict({
-        protocol.ARRAYS: ArrayRecord(result.weights),
+        protocol.ARRAYS: ArrayRecord(sent),
         protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: result.num_examples, protocol.CLIENT_WEIGHT: 1,
                                         "train-loss": result.train_loss, **metrics}),
         protocol.SITE: _site_record(data),
@@ -169,18 +205,65 @@ def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed:
     return result, float(accountant.get_epsilon(dp.delta))
 
 
+def _with_own_head(weights: list[np.ndarray], config: ConfigRecord, context: Context) -> list[np.ndarray]:
+    """Return the global weights with this site's own head in place of the global one (FedPer runs)."""
+    head = int(config.get(protocol.PERSONAL_ARRAYS, 0))
+    if not head or protocol.OWN_HEAD not in context.state:
+        return weights
+    return weights[:-head] + context.state[protocol.OWN_HEAD].to_numpy_ndarrays()
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global model on this site's test split; reply with loss and AUROC (aggregates)."""
-    local = local_split(context, "test")
+    """Score the global model (FedPer: with the site's own head) on this site's test split, or on its
+    validation rows in a model-selection run; reply with loss and AUROC (aggregates)."""
+    config = msg.content[protocol.CONFIG]
+    fraction = float(config.get(protocol.VALIDATION_FRACTION, 0.0))
+    local = local_split(context, "train" if fraction > 0 else "test")
     data = local.data
-    spec, _, kind, hidden, _ = protocol.read_settings(msg.content[protocol.CONFIG], data.schema)
-    weights, features = msg.content[protocol.ARRAYS].to_numpy_ndarrays(), local.model_matrix(spec)
+    spec, _, kind, hidden, seed = protocol.read_settings(config, data.schema)
+    weights = _with_own_head(msg.content[protocol.ARRAYS].to_numpy_ndarrays(), config, context)
+    features, labels = local.model_matrix(spec), data.labels
+    if fraction > 0:
+        held = validation_rows(labels, seed, data.site, fraction)
+        features, labels = features[held], labels[held]
     probabilities = predict(kind, hidden, weights, features)
-    loss = float(np.mean(record_loss(predict_logits(kind, hidden, weights, features), data.labels)))
+    loss = float(np.mean(record_loss(predict_logits(kind, hidden, weights, features), labels)))
     content = RecordDict({
-        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(data), protocol.CLIENT_WEIGHT: 1,
-                                        "test-loss": loss, "auroc": float(auroc(data.labels, probabilities))}),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(labels), protocol.CLIENT_WEIGHT: 1,
+                                        "test-loss": loss, "auroc": float(auroc(labels, probabilities))}),
         protocol.SITE: _site_record(data),
     })
+    return Message(content, reply_to=msg)
+
+
+@app.query("personalise")
+def personalise(msg: Message, context: Context) -> Message:
+    """Personalise the final global model at this site and keep the results here; reply with counts only.
+
+    Methods (config `personalise`): `finetune` (local training from the global model, stopped early
+    on a validation split of the site's own training rows), `recalibrate` (intercept and slope of the
+    global model's log-odds on the site's training rows) and `own-head` (FedPer: the global body
+    with the head this site trained and kept). Each personalised model is written to the site's own
+    folder (`site_output`); nothing of it is sent.
+    """
+    local = local_split(context, "train")
+    data = local.data
+    config = msg.content[protocol.CONFIG]
+    spec, train_config, kind, hidden, seed = protocol.read_settings(config, data.schema)
+    weights = _with_own_head(msg.content[protocol.ARRAYS].to_numpy_ndarrays(), config, context)
+    head = context.state[protocol.OWN_HEAD].to_numpy_ndarrays() if protocol.OWN_HEAD in context.state else None
+    methods = [str(m) for m in config[protocol.PERSONALISE]]
+    finetune = dataclasses.replace(train_config, epochs=int(config["finetune-epochs"]),
+                                   patience=int(config["finetune-patience"]))
+    held = validation_rows(data.labels, seed, data.site, float(config["finetune-validation-fraction"]))
+    models = personalised(methods, kind, hidden, weights, local.model_matrix(spec), data.labels, held, finetune,
+                          round_seed(seed, data.site, 0), head)
+    folder = site_output(context, data.site) / str(config["run"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for method, arrays in models.items():
+        np.savez(folder / f"{method}.npz", **arrays)
+    content = RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(data),
+                                                          "personalised": len(models)}),
+                          protocol.SITE: _site_record(data)})
     return Message(content, reply_to=msg)

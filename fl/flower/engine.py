@@ -108,13 +108,26 @@ class DirectGrid(Grid):
 
 def _run_config(profile_path: Path, strategy: str, output_dir: Path, site_dirs: list[Path]) -> dict:
     return {"params-path": str(profile_path), "strategy": strategy, "output-dir": str(output_dir),
-            "site-dirs": ",".join(str(d) for d in site_dirs)}
+            "site-dirs": ",".join(str(d) for d in site_dirs),
+            "site-outputs": ",".join(str(site_output_dir(output_dir, d)) for d in site_dirs)}
 
 
-def direct_contexts(site_dirs: list[Path]) -> dict[int, Context]:
-    """Return one ClientApp context per site; each names only its own site folder."""
+def site_output_dir(output_dir: Path, site_dir: Path) -> Path:
+    """Return where a simulated site keeps what never leaves it (personalised models): its own folder
+    beside the run's output, named after the site's data folder."""
+    return Path(output_dir).parent / "sites" / Path(site_dir).name
+
+
+def direct_contexts(site_dirs: list[Path], output_dir: Path | None = None) -> dict[int, Context]:
+    """Return one ClientApp context per site; each names only its own site folder (and output folder)."""
+    def node_config(site_dir: Path) -> dict:
+        config = {"site-dir": str(site_dir)}
+        if output_dir is not None:
+            config["site-output"] = str(site_output_dir(output_dir, site_dir))
+        return config
+
     return {
-        100 + index: Context(run_id=1, node_id=100 + index, node_config={"site-dir": str(site_dir)},
+        100 + index: Context(run_id=1, node_id=100 + index, node_config=node_config(site_dir),
                              state=RecordDict(), run_config={})
         for index, site_dir in enumerate(site_dirs)
     }
@@ -127,12 +140,18 @@ def use_server_identity() -> None:
 
 def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_dir: Path,
                resume: bool = False, grid: Grid | None = None,
-               client_dp: server_app.ClientLevelDP | None = None, patient_dp=None) -> server_app.FederationResult:
-    """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose)."""
+               client_dp: server_app.ClientLevelDP | None = None, patient_dp=None,
+               validation_fraction: float = 0.0,
+               personalisation: server_app.Personalisation | None = None) -> server_app.FederationResult:
+    """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose).
+
+    Each site keeps its personalised models in `site_output_dir(output_dir, site folder)`.
+    """
     use_server_identity()
-    grid = grid or DirectGrid(direct_contexts(site_dirs))
+    grid = grid or DirectGrid(direct_contexts(site_dirs, output_dir))
     return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume, client_dp=client_dp,
-                                     patient_dp=patient_dp)
+                                     patient_dp=patient_dp, validation_fraction=validation_fraction,
+                                     personalisation=personalisation)
 
 
 #: Flower's Ray engine: one CPU per site, quiet, and no Ray dashboard (fewer processes to start, so a
@@ -198,14 +217,15 @@ def run_simulation(**arguments) -> None:
         flower_logger.removeFilter(quiet)
 
 
-def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path) -> None:
+def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir: Path,
+            personalisation: server_app.Personalisation | None = None, profile: Profile | None = None) -> None:
     """Run the Flower apps in Flower's Ray simulation engine (one CPU per site)."""
     from flwr.app import Context as FlowerContext
     from flwr.serverapp import ServerApp
 
     from compendium.params import load_params
 
-    profile = load_params(profile_path)
+    profile = profile or load_params(profile_path)
     config = _run_config(profile_path, strategy, output_dir, site_dirs)
 
     # run_simulation passes no run config to the apps: hand it over through the apps' contexts.
@@ -213,14 +233,15 @@ def run_ray(profile_path: Path, strategy: str, site_dirs: list[Path], output_dir
 
     @wrapped_server.main()
     def _main(grid: Grid, context: FlowerContext) -> None:
-        server_app.run_federation(grid, profile, strategy, output_dir)
+        server_app.run_federation(grid, profile, strategy, output_dir, personalisation=personalisation)
 
     from flwr.clientapp import ClientApp
 
     wrapped_client = ClientApp()
     for kind in ("train", "evaluate"):
         getattr(wrapped_client, kind)()(_with_run_config(default_client_app, config))
-    wrapped_client.query("statistics")(_with_run_config(default_client_app, config))
+    for query in ("statistics", "personalise"):
+        wrapped_client.query(query)(_with_run_config(default_client_app, config))
     run_simulation(server_app=wrapped_server, client_app=wrapped_client, num_supernodes=len(site_dirs),
                    backend_config=RAY_BACKEND_CONFIG)
 

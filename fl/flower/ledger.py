@@ -22,7 +22,9 @@ from fl.flower import protocol
 
 #: Config keys whose values the ledger shows (settings, not data).
 SHOWN_CONFIG_KEYS = ("site", "features", "model", "hidden", "local-epochs", "batch-size", "learning-rate",
-                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu", *protocol.DP_KEYS)
+                     "weight-decay", "optimizer", "seed", "server-round", "proximal-mu", *protocol.DP_KEYS,
+                     protocol.VALIDATION_FRACTION, protocol.PERSONAL_ARRAYS, protocol.PERSONALISE, "run",
+                     "finetune-epochs", "finetune-patience", "finetune-validation-fraction")
 
 
 def describe_message(message: Message) -> dict:

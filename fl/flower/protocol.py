@@ -17,6 +17,14 @@ METRICS = "metrics"  # aggregate metrics back from a site
 STATISTICS = "statistics"  # per-feature counts, sums, sums of squares (query reply)
 SITE = "site"  # the replying site's name and feature list
 QUERY_STATISTICS = "query.statistics"
+QUERY_PERSONALISE = "query.personalise"
+
+#: Settings of federated model selection and personalisation (present only when used).
+VALIDATION_FRACTION = "validation-fraction"  # > 0: train on the rest of the training split, evaluate on this share
+PERSONAL_ARRAYS = "personal-arrays"  # FedPer: the model's last arrays (its head) stay at each site
+PERSONALISE = "personalise"  # the personalisation methods a site runs on the final model
+#: Where a FedPer site keeps its own head between rounds (Context.state).
+OWN_HEAD = "own-head"
 
 NUM_EXAMPLES = "num-examples"
 #: Every site's weight is 1 under this key: client-level DP averages sites unweighted (its sensitivity is C/n).

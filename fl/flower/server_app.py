@@ -14,6 +14,7 @@ FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from compendium.artifacts import save_arrays
 from compendium.params import Profile, load_params
 from fl.data import FeatureSchema, FeatureStatistics, PreprocessingSpec
-from fl.federated import initial_weights
+from fl.federated import drift, head_arrays, initial_weights
 from fl.flower import protocol
 from fl.flower.ledger import LedgerGrid
 from fl.train import TrainConfig
@@ -99,7 +100,19 @@ class _Resumable:
         replies = list(replies)
         absolute = server_round + self.round_offset
         require_every_site(replies, self.n_sites, f"round {absolute} training", last_checkpoint=absolute - 1)
-        return super().aggregate_train(absolute, replies)
+        arrays, metrics = super().aggregate_train(absolute, replies)
+        if arrays is not None:  # how far each site's local model ended from the new global model
+            new = arrays.to_numpy_ndarrays()
+            self.drift[absolute] = {str(r.content[protocol.SITE]["site"]):
+                                    drift(r.content[protocol.ARRAYS].to_numpy_ndarrays(), new) for r in replies}
+        return arrays, metrics
+
+    @property
+    def drift(self) -> dict[int, dict[str, float]]:
+        """Per round and site: L2 distance of the site's returned weights from the aggregate."""
+        if "_drift" not in self.__dict__:
+            self._drift = {}
+        return self._drift
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -138,6 +151,16 @@ class ResumableFedAdam(_Resumable, FedAdam):
     """FedAdam that can continue from a checkpoint (its moments are checkpointed)."""
 
 
+class ResumableFedPer(ResumableFedAvg):
+    """FedPer (Arivazhagan et al. 2019): FedAvg of the model's body; each site keeps and trains its own head.
+
+    The server-side aggregation is FedAvg's; what makes it FedPer is the
+    training config's `personal-arrays` (the head's size), on which every
+    site swaps its own head in before training and evaluation and sends the
+    received head back unchanged, so the head never leaves the site.
+    """
+
+
 @dataclass(frozen=True)
 class ClientLevelDP:
     """Client-level DP settings: each site's update clipped to `clipping_norm`, Gaussian noise on the average."""
@@ -173,6 +196,10 @@ class SeededClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
     def round_offset(self, value: int) -> None:
         self.strategy.round_offset = value
 
+    @property
+    def drift(self) -> dict[int, dict[str, float]]:
+        return self.strategy.drift
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         return self.strategy.state_arrays()
 
@@ -195,8 +222,10 @@ def make_strategy(name: str, profile: Profile, n_sites: int, client_dp: ClientLe
         strategy = ResumableFedProx(**common, proximal_mu=federated.proximal_mu)
     elif name == "fedadam":
         strategy = ResumableFedAdam(**common, eta=federated.server_learning_rate, eta_l=federated.learning_rate)
+    elif name == "fedper":
+        strategy = ResumableFedPer(**common, weighted_by_key=protocol.NUM_EXAMPLES)
     else:
-        raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox or fedadam")
+        raise FederationError(f"unknown strategy {name!r}; choose fedavg, fedprox, fedadam or fedper")
     strategy.n_sites, strategy.site_timeout = n_sites, federated.round_timeout_s
     return SeededClientLevelDP(strategy, client_dp, n_sites, profile.seed) if client_dp else strategy
 
@@ -233,7 +262,7 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float, stage: str = "fede
     return nodes
 
 
-def require_every_site(replies: list[Message], expected: int, stage: str, last_checkpoint: int) -> None:
+def require_every_site(replies: list[Message], expected: int, stage: str, last_checkpoint: int | None) -> None:
     """Raise FederationError unless `expected` replies arrived, none of them an error."""
     errors = [r.error.reason for r in replies if r.has_error()]
     if len(replies) < expected or errors:
@@ -278,8 +307,12 @@ def federated_statistics(grid: LedgerGrid, nodes: list[int], timeout: float) -> 
         raise FederationError(str(error)) from None
 
 
-def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
-    """Return one row per site for a round: training loss, test loss and test AUROC."""
+def history_rows(grid: LedgerGrid, server_round: int, drifts: dict[str, float] | None = None) -> list[dict]:
+    """Return one row per site for a round: training loss, drift, test (or validation) loss and AUROC.
+
+    In a model-selection run (`validation-fraction` > 0) the evaluation is on each site's held-out
+    training rows: `test_loss` and `auroc` are then validation figures, and `examples` their count.
+    """
     table: dict[str, dict] = {}
     for group, message_type, site, metrics in grid.replies:
         if group != server_round or message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
@@ -289,20 +322,55 @@ def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
             row["train_loss"] = metrics["train-loss"]
             if "epsilon" in metrics:  # the site's patient-level epsilon after this round (DP-SGD runs)
                 row["epsilon"] = metrics["epsilon"]
+            if drifts and site in drifts:
+                row["drift"] = drifts[site]
         else:
             row["test_loss"] = metrics["test-loss"]
             row["auroc"] = metrics["auroc"]
+            row["examples"] = metrics[protocol.NUM_EXAMPLES]
     return [table[site] for site in sorted(table)]
+
+
+@dataclass(frozen=True)
+class Personalisation:
+    """What each site does with the final global model: `methods` (fl.federated.PERSONALISATION) and
+    fine-tuning's settings (epochs, early-stopping patience, share of the site's training rows held out)."""
+
+    methods: tuple[str, ...]
+    finetune_epochs: int = 100
+    patience: int = 20
+    validation_fraction: float = 0.2
+
+
+def personalise_at_sites(grid: LedgerGrid, nodes: list[int], weights: list[np.ndarray], settings: dict,
+                         personalisation: Personalisation, run: str, timeout: float, server_round: int) -> None:
+    """Ask every site to personalise the final model and keep the result at home; fail if one cannot.
+
+    The messages carry round number `server_round` (one after the last training round) in the ledger.
+    """
+    config = {**settings, protocol.PERSONALISE: list(personalisation.methods), "run": run,
+              "finetune-epochs": personalisation.finetune_epochs, "finetune-patience": personalisation.patience,
+              "finetune-validation-fraction": personalisation.validation_fraction}
+    messages = [Message(RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.CONFIG: ConfigRecord(config)}),
+                        dst_node_id=node, message_type=protocol.QUERY_PERSONALISE, group_id=str(server_round))
+                for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    require_every_site(replies, len(nodes), "personalisation", last_checkpoint=None)
 
 
 def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir: Path,
                    resume: bool = False, client_dp: ClientLevelDP | None = None,
-                   patient_dp=None) -> FederationResult:
+                   patient_dp=None, validation_fraction: float = 0.0,
+                   personalisation: Personalisation | None = None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
 
     With `resume`, training continues from the last round checkpoint in
     `output_dir` (weights and server optimiser state) and reaches the same
-    final model as an uninterrupted run.
+    final model as an uninterrupted run. With `validation_fraction` > 0
+    (federated model selection) each site trains on the rest of its training
+    split and the per-round evaluation is on the held-out share. With
+    `personalisation`, every site then personalises the final model and
+    keeps it (FedPer runs always add `own-head`).
     """
     import logging
 
@@ -328,6 +396,10 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
     settings = dict(protocol.settings_record(spec, local_train_config(profile), kind, hidden, profile.seed))
     if patient_dp is not None:  # fl.privacy.dp.DPConfig: DP-SGD at every site, accountant kept by each site
         settings.update(protocol.dp_entries(patient_dp))
+    if validation_fraction > 0:
+        settings[protocol.VALIDATION_FRACTION] = float(validation_fraction)
+    if strategy_name == "fedper":
+        settings[protocol.PERSONAL_ARRAYS] = head_arrays(kind)
     strategy = make_strategy(strategy_name, profile, n_sites, client_dp)
     if done:
         saved = np.load(output_dir / CHECKPOINTS / f"round_{done:03d}.npz")
@@ -344,7 +416,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         save_arrays(output_dir / CHECKPOINTS / f"round_{absolute:03d}.npz",
                     **{f"weight_{i}": w for i, w in enumerate(arrays.to_numpy_ndarrays())}, **strategy.state_arrays())
         with open(history_path, "a") as handle:
-            for row in history_rows(ledger, absolute):
+            for row in history_rows(ledger, absolute, strategy.drift.get(absolute)):
                 handle.write(json.dumps(row) + "\n")
         return None
 
@@ -359,6 +431,13 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         raise FederationError(f"{strategy_name}: {completed} of {rounds} rounds completed; see the ledger for "
                               "the missing replies, then run again with resume to continue from the checkpoint")
     weights = result.arrays.to_numpy_ndarrays()
+    if strategy_name == "fedper":
+        personalisation = Personalisation(("own-head",)) if personalisation is None else dataclasses.replace(
+            personalisation, methods=(*personalisation.methods, "own-head"))
+    if personalisation is not None and personalisation.methods:
+        nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s, "personalisation")
+        personalise_at_sites(ledger, nodes, weights, settings, personalisation, strategy_name,
+                             federated.round_timeout_s, federated.rounds + 1)
     save_arrays(output_dir / FINAL_MODEL_FILE, spec_mean=spec.mean, spec_std=spec.std,
                 **{f"weight_{i}": w for i, w in enumerate(weights)})
     history = [json.loads(line) for line in history_path.read_text().splitlines()]

@@ -29,6 +29,7 @@ class TrainingRecipe:
     learning_rate: float
     weight_decay: float
     initial: tuple[np.ndarray, np.ndarray]
+    optimizer: str = "adam"  # the sites' local optimiser (fl.privacy.reference.OPTIMISERS)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingR
         trained = train_federated_dp(tensors, masks, recipe, generator)
     else:
         trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
-                                  recipe.weight_decay, recipe.initial)
+                                  recipe.weight_decay, recipe.initial, recipe.optimizer)
     with torch.no_grad():
         logits = np.concatenate([trained.logits(tensors[s]).double().numpy() for s in sorted(sites)])
     labels = np.concatenate([sites[s].labels for s in sorted(sites)])

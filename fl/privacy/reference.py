@@ -114,6 +114,21 @@ class _AdamState:
         return out
 
 
+class _SGDState:
+    """torch.optim.SGD's update (no momentum, L2 weight decay added to the gradient), elementwise."""
+
+    @classmethod
+    def like(cls, *params):
+        return cls()
+
+    def step(self, params, grads, lr, weight_decay):
+        return [p - lr * (g + weight_decay * p if weight_decay else g) for p, g in zip(params, grads)]
+
+
+#: The local optimisers the batched reference reproduces (created afresh each round, as at the sites).
+OPTIMISERS = {"adam": _AdamState, "sgd": _SGDState}
+
+
 def member_statistics(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Return each model's (mean, std) from its members' counts, sums and sums of squares over all sites."""
     count = total = squares = 0.0
@@ -143,8 +158,9 @@ def _average(sites: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 
 
 def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor], rounds: int, local_epochs: int,
-                    learning_rate: float, weight_decay: float, initial: tuple[np.ndarray, np.ndarray]) -> BatchedModels:
-    """Return M models, each trained by FedAvg over the sites on its own members (full-batch Adam locally).
+                    learning_rate: float, weight_decay: float, initial: tuple[np.ndarray, np.ndarray],
+                    optimizer: str = "adam") -> BatchedModels:
+    """Return M models, each trained by FedAvg over the sites on its own members (full-batch Adam or SGD locally).
 
     `masks[site]` is an (M, n_site) 0/1 tensor of members; `initial` is the
     (weight, bias) every model starts from, as in the target pipeline.
@@ -169,7 +185,7 @@ def train_federated(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor
         new = []
         for name in names:
             weight, indicator, bias = global_weight.clone(), global_indicator.clone(), global_bias.clone()
-            state = _AdamState.like(weight, indicator, bias)
+            state = OPTIMISERS[optimizer].like(weight, indicator, bias)
             for _ in range(local_epochs):
                 stacked = torch.cat([weight * scale, weight * shift, indicator, bias[:, None]], dim=1)
                 residual = design[name] @ stacked.T  # (n, M) logits

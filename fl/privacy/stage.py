@@ -32,7 +32,7 @@ def recipe(profile: Profile, n_inputs: int) -> TrainingRecipe:
     federated = profile.federated
     weights = initial_weights("logistic", n_inputs, (), profile.seed)
     return TrainingRecipe(federated.rounds, federated.local_epochs, federated.learning_rate, federated.weight_decay,
-                          (weights[0], weights[1]))
+                          (weights[0], weights[1]), federated.optimizer)
 
 
 def membership(profile: Profile, build_dir: Path) -> MembershipExperiment:
