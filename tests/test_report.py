@@ -148,7 +148,7 @@ def test_reviewer_site_links_resolve_and_figures_render_in_a_browser(built):
             page.goto((built / "05_report" / name).resolve().as_uri())
             broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || e.naturalWidth === 0).length")
             count = page.eval_on_selector_all("img", "els => els.length")
-            assert count == 9 and broken == 0
+            assert count == 10 and broken == 0  # nine stage figures and stage 3's size x difference map
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         # Served over HTTP, the same relative links resolve.
         import functools
