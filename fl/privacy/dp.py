@@ -65,6 +65,16 @@ class DPConfig:
             raise ValueError(f"DP noise_source must be one of {sorted(NOISE_SOURCES)}, got {self.noise_source!r}")
 
 
+def batch_size(sample_rate: float, rows: int) -> int:
+    """Return the data loader's batch size: Opacus's Poisson rate is then 1 / ceil(rows / batch)."""
+    return max(1, int(round(sample_rate * rows)))
+
+
+def steps_per_epoch(sample_rate: float, rows: int) -> int:
+    """Return the DP-SGD steps of one epoch over `rows` patients (the loader's batches; the rate is 1 / steps)."""
+    return -(-rows // batch_size(sample_rate, rows))
+
+
 def noise_seed(config: DPConfig, seed: int) -> int:
     """Return the seed of a DP step's generators: `seed` if seeded, fresh OS entropy otherwise."""
     return seed if config.noise_source == "seeded" else secrets.randbits(63)
@@ -77,8 +87,7 @@ def dp_local_update(weights: list[np.ndarray], features: np.ndarray, labels: np.
     set_weights(model, weights)
     dataset = torch.utils.data.TensorDataset(torch.as_tensor(features, dtype=torch.float32),
                                              torch.as_tensor(labels, dtype=torch.float32))
-    batch = max(1, int(round(config.sample_rate * len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size(config.sample_rate, len(dataset)))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # Opacus warns that its cryptographically secure RNG is off (seeded noise is what makes runs

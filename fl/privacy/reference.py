@@ -226,8 +226,9 @@ class DPSGDRecipe:
 
     def steps_per_epoch(self, rows: int) -> int:
         """Return the DP-SGD steps of one local epoch over `rows` patients (Opacus: batches of the data loader)."""
-        batch = max(1, int(round(self.sample_rate * rows)))
-        return -(-rows // batch)
+        from fl.privacy.dp import steps_per_epoch
+
+        return steps_per_epoch(self.sample_rate, rows)
 
 
 def train_federated_dp(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor], recipe: DPSGDRecipe,

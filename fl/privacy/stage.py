@@ -211,8 +211,7 @@ def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     for noise in privacy.dp_noise_multipliers:
         weights, epsilons, auroc_at = _dp_fedavg_auroc(profile, train, test, spec, noise, profile.seed)
         epsilon = max(epsilons.values())
-        steps = {s: DPSGDRecipe(1, 1, noise, 1, privacy.dp_sample_rate, 1, ((), ())).steps_per_epoch(len(t))
-                 for s, t in train.items()}
+        steps = {s: dp.steps_per_epoch(privacy.dp_sample_rate, len(t)) for s, t in train.items()}
         row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
                "preprocessing": privacy.dp_preprocessing, "noise_source": privacy.dp_noise_source,
                **{f"epsilon_{s}": round(e, 3) for s, e in epsilons.items()},
