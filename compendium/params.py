@@ -176,6 +176,19 @@ class PrivacyParams(_Strict):
     # range each site's weighted model weights are clipped to before quantisation (Flower's default: 8).
     secagg_rounds: Annotated[int, Field(ge=1, le=100)] = 3
     secagg_clipping_range: Annotated[float, Field(gt=0, le=1e4)] = 8.0
+    # DP over the whole release: the preprocessing every DP run uses. public_ranges: fixed published ranges
+    # (fl/privacy/public_scaling.py), no statistics round; federated_statistics: round 0 in the clear (outside
+    # every guarantee).
+    dp_preprocessing: Literal["public_ranges", "federated_statistics"] = "public_ranges"
+    # Where DP noise comes from: seeded (reproducible, not private against anyone knowing the seed) or os
+    # (seeded from the OS's cryptographic source at every call; runs are then not reproducible).
+    dp_noise_source: Literal["seeded", "os"] = "seeded"
+    # Empirical DP audit: federations with a canary in a random half (even count) and patients per site.
+    audit_models: Annotated[int, Field(ge=8, le=65_536, multiple_of=2)] = 512
+    audit_patients: Annotated[int, Field(ge=20, le=1_000_000)] = 100
+    # ... and its two controls (planted accounting error, round 0 in the clear) claim this noise: an epsilon
+    # the audit can test (below its ceiling), so that the controls must come out as violations.
+    audit_control_noise: Annotated[float, Field(gt=0, le=100)] = 4.0
 
     @field_validator("sensitive_attribute")
     @classmethod

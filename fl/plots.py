@@ -253,6 +253,31 @@ def dp_frontier(frontier: pd.DataFrame, sites: tuple[str, ...]):
     return fig
 
 
+def dp_audit(audit_rows: list[dict]):
+    """Return, per audited configuration, the accounted epsilon beside the audit's 95% lower bound and its ceiling.
+
+    `audit_rows`: `fl.privacy.audit.AuditResult.as_dict()` of each configuration, in order.
+    """
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    positions = np.arange(len(audit_rows))
+    accounted = [row["epsilon"] for row in audit_rows]
+    lower = [row["epsilon_lower_bound"] for row in audit_rows]
+    ax.scatter(positions, accounted, marker="o", label="accounted epsilon (upper bound)")
+    ax.scatter(positions, lower, marker="^", label="audit: 95% lower bound")
+    ax.plot(positions, [row["audit_ceiling"] for row in audit_rows], linestyle="--", color="grey",
+            label="most the audit can show")
+    for x, row in zip(positions, audit_rows):
+        ax.annotate(row["verdict"], (x, max(row["epsilon"], row["epsilon_lower_bound"])), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize="x-small")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xticks(positions, [row["audit"] for row in audit_rows], rotation=15, ha="right", fontsize="x-small")
+    ax.set_ylabel("epsilon")
+    ax.set_title("DP-SGD: accounted epsilon and the audit's lower bound")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def per_round_exposure(table: pd.DataFrame):
     """Return, per site, the server's (position C) membership signal in each round's update: AUC and TPR at 1% FPR."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))

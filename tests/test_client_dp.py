@@ -9,7 +9,7 @@ from fl.data import load_site, site_dir
 from fl.federated import initial_weights, local_update, round_seed
 from fl.flower.engine import run_direct
 from fl.flower.server_app import ClientLevelDP, FederationError, local_train_config
-from fl.privacy.client_dp import client_level_epsilon, client_level_frontier
+from fl.privacy.client_dp import client_level_epsilon, client_level_frontier, replacement_epsilon
 
 SITES = {"halland": 1500, "sahlgrenska": 2000}
 SITES_SEED = 11
@@ -95,3 +95,28 @@ def test_patient_level_dp_sgd_inside_the_clientapp_equals_the_plain_dp_loop(buil
     assert last == pytest.approx(epsilons, rel=1e-12)
     first = {row["site"]: row["epsilon"] for row in result.history if row["round"] == 1}
     assert all(first[site] < last[site] for site in SITES)  # the accountant was not reset between rounds
+
+
+def test_replacement_of_one_hospital_doubles_the_sensitivity():
+    """Replacement moves the clipped sum by 2C: the add/remove epsilon at half the noise (issue 13: 15.9 vs 6.8)."""
+    assert replacement_epsilon(4.0, 30, 1e-5) == pytest.approx(client_level_epsilon(2.0, 30, 1e-5), rel=1e-12)
+    assert replacement_epsilon(4.0, 30, 1e-5) == pytest.approx(15.85, abs=0.01)
+    assert client_level_epsilon(4.0, 30, 1e-5) == pytest.approx(6.81, abs=0.01)
+
+
+def test_client_level_dp_with_public_scaling_sends_no_statistics(profile, site_dirs, tmp_path):
+    """The DP runs' preprocessing is fixed: no statistics round, no counts or sums in any message."""
+    import json
+
+    from fl.flower.server_app import LEDGER_FILE
+    from fl.privacy.public_scaling import public_spec
+
+    spec = public_spec()
+    result = run_direct(profile, "fedavg", site_dirs, tmp_path / "dp", client_dp=ClientLevelDP(1.0, 0.5),
+                        preprocessing=spec)
+    ledger = [json.loads(line) for line in (tmp_path / "dp" / LEDGER_FILE).read_text().splitlines()]
+    assert ledger and not [m for m in ledger if "statistics" in m["message_type"] or m["round"] == 0]
+    assert not [r for m in ledger for r in m["records"] if r["key"] == "statistics"]
+    assert result.spec.key == spec.key
+    frontier = client_level_frontier(profile, site_dirs, tmp_path / "frontier", [4.0], 0.5, 1e-5, spec)
+    assert frontier["epsilon_replacement"].iloc[1] > frontier["epsilon"].iloc[1]

@@ -175,10 +175,19 @@ def test_privacy_summary_has_every_attack_and_position(smoke_run):
     assert {r["attack"] for r in dp["attacks_on_dp_reference_pipelines"]} == {
         "loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"}
     assert dp["any_attack_bound_violation"] is False
+    # Issue 13: the DP runs' preprocessing and noise source are stated; the attack table starts undefended.
+    assert (dp["preprocessing"], dp["noise_source"]) == ("public_ranges", "seeded")
+    assert dp["attacks_on_dp_reference_pipelines"][0]["noise_multiplier"] == 0.0
+    assert {r["bound_check_at_1pct_fpr"] for r in dp["attacks_on_dp_reference_pipelines"]
+            if r["noise_multiplier"] == 0.0} == {"not testable"}
+    assert summary["dp_audit"]["controls_caught"] is True
+    assert summary["dp_audit"]["any_violation_at_noise_levels"] is False
     client = summary["client_level_dp"]
     assert [point["noise_multiplier"] for point in client["points"]] == [0.0, 1.0]  # no DP, then smoke's level
     assert client["points"][0]["epsilon"] is None and client["points"][1]["epsilon"] > 0
     assert client["unit_of_privacy"].startswith("one hospital")
+    assert client["points"][1]["epsilon_replacement"] > client["points"][1]["epsilon"]
+    assert client["noise_source"] == "seeded" and client["preprocessing"] == "public_ranges"
 
 
 def test_stage_two_refuses_to_run_without_stage_one(tmp_path):

@@ -142,16 +142,18 @@ def run_direct(profile: Profile, strategy: str, site_dirs: list[Path], output_di
                resume: bool = False, grid: Grid | None = None,
                client_dp: server_app.ClientLevelDP | None = None, patient_dp=None,
                validation_fraction: float = 0.0,
-               personalisation: server_app.Personalisation | None = None) -> server_app.FederationResult:
+               personalisation: server_app.Personalisation | None = None,
+               preprocessing=None) -> server_app.FederationResult:
     """Run the Flower apps in this process (optionally on a given grid, e.g. one that fails on purpose).
 
     Each site keeps its personalised models in `site_output_dir(output_dir, site folder)`.
+    `preprocessing`: a fixed spec (DP runs' public scaling) that replaces the federated statistics round.
     """
     use_server_identity()
     grid = grid or DirectGrid(direct_contexts(site_dirs, output_dir))
     return server_app.run_federation(grid, profile, strategy, output_dir, resume=resume, client_dp=client_dp,
                                      patient_dp=patient_dp, validation_fraction=validation_fraction,
-                                     personalisation=personalisation)
+                                     personalisation=personalisation, preprocessing=preprocessing)
 
 
 #: Flower's Ray engine: one CPU per site, quiet, and no Ray dashboard (fewer processes to start, so a

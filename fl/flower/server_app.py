@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from logging import WARNING
@@ -167,6 +168,9 @@ class ClientLevelDP:
 
     noise_multiplier: float
     clipping_norm: float
+    #: "seeded": numpy's global generator seeded from (seed, round), reproducible; "os": seeded from the OS's
+    #: cryptographic source (`secrets`) each round, so no one who knows the seed can re-draw the noise.
+    noise_source: str = "seeded"
 
 
 class SeededClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
@@ -181,11 +185,12 @@ class SeededClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
     def __init__(self, strategy: "ResumableFedAvg", dp: ClientLevelDP, n_sites: int, seed: int):
         super().__init__(strategy, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
                          num_sampled_clients=n_sites)
-        self.seed = seed
+        self.seed, self.noise_source = seed, dp.noise_source
 
     def aggregate_train(self, server_round, replies):
         absolute = server_round + self.strategy.round_offset
-        np.random.seed(np.random.SeedSequence([self.seed, 8, absolute]).generate_state(1)[0])
+        entropy = [self.seed, 8, absolute] if self.noise_source == "seeded" else secrets.randbits(128)
+        np.random.seed(np.random.SeedSequence(entropy).generate_state(1)[0])
         return super().aggregate_train(server_round, replies)
 
     @property
@@ -361,8 +366,13 @@ def personalise_at_sites(grid: LedgerGrid, nodes: list[int], weights: list[np.nd
 def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir: Path,
                    resume: bool = False, client_dp: ClientLevelDP | None = None,
                    patient_dp=None, validation_fraction: float = 0.0,
-                   personalisation: Personalisation | None = None) -> FederationResult:
+                   personalisation: Personalisation | None = None,
+                   preprocessing: PreprocessingSpec | None = None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
+
+    With a fixed `preprocessing` (a DP run's public scaling,
+    `fl.privacy.public_scaling`) no statistics round is run: no site sends
+    counts or sums, and the spec the sites receive depends on no data.
 
     With `resume`, training continues from the last round checkpoint in
     `output_dir` (weights and server optimiser state) and reaches the same
@@ -388,7 +398,10 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
     n_sites = len(profile.sites)
     started = time.perf_counter()
     nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s)
-    spec, rows = federated_statistics(ledger, nodes, federated.round_timeout_s)
+    if preprocessing is None:
+        spec, rows = federated_statistics(ledger, nodes, federated.round_timeout_s)
+    else:
+        spec, rows = preprocessing, {}
     statistics_seconds = time.perf_counter() - started
 
     hidden = tuple(profile.baselines.mlp_hidden)

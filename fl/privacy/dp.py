@@ -6,9 +6,26 @@ epsilon reported after the last round covers all rounds. The unit of privacy
 is one patient (one row of the cohort); epsilon is reported at a stated
 delta per hospital, and the federation's epsilon is the maximum over
 hospitals (each hospital's patients are protected by its own training).
+Adjacency: add/remove of one patient, with all of that patient's rows (the
+cohort has one index admission per patient), the adjacency Opacus's RDP
+accountant for Poisson sampling assumes.
+
+Every step the accountant counts is a step taken: a Poisson batch that
+comes out empty still takes a noise-only step (the clipped sum is zero,
+the Gaussian noise is not), so the released weights are the mechanism the
+accountant describes even for a small site.
+
+Noise source (`DPConfig.noise_source`): "seeded" draws Poisson sampling and
+noise from torch generators seeded from (seed, site, round), reproducible
+and so not private against anyone who knows the seed; "os" seeds them from
+the operating system's cryptographic source (`secrets`) at every call, so no
+one can re-draw the noise, though the draws themselves come from torch's
+generator, not from a cryptographic one (Opacus's secure_mode needs
+torchcsprng, which the lock does not include).
 """
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +38,14 @@ from fl.federated import LocalResult, round_seed, weighted_average
 from fl.models import build_model, get_weights, set_weights
 
 ACCOUNTANT = "RDP (Opacus RDPAccountant)"
+UNIT = "one patient (all of that patient's rows; one index admission per patient)"
+ADJACENCY = "add/remove of one patient (Poisson-subsampled Gaussian, Opacus RDP)"
+#: Where a DP run's noise comes from: reproducible from the profile's seed, or from the OS's entropy.
+NOISE_SOURCES = {
+    "seeded": "seeded torch generators (reproducible; not private against anyone who knows the seed)",
+    "os": "torch generators seeded from the OS's cryptographic source (secrets) at every call; not reproducible "
+          "(torch's generator itself is not a CSPRNG: Opacus secure_mode needs torchcsprng)",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,26 @@ class DPConfig:
     delta: float
     learning_rate: float
     local_epochs: int
+    noise_source: str = "seeded"  # a key of NOISE_SOURCES
+
+    def __post_init__(self) -> None:
+        if self.noise_source not in NOISE_SOURCES:
+            raise ValueError(f"DP noise_source must be one of {sorted(NOISE_SOURCES)}, got {self.noise_source!r}")
+
+
+def batch_size(sample_rate: float, rows: int) -> int:
+    """Return the data loader's batch size: Opacus's Poisson rate is then 1 / ceil(rows / batch)."""
+    return max(1, int(round(sample_rate * rows)))
+
+
+def steps_per_epoch(sample_rate: float, rows: int) -> int:
+    """Return the DP-SGD steps of one epoch over `rows` patients (the loader's batches; the rate is 1 / steps)."""
+    return -(-rows // batch_size(sample_rate, rows))
+
+
+def noise_seed(config: DPConfig, seed: int) -> int:
+    """Return the seed of a DP step's generators: `seed` if seeded, fresh OS entropy otherwise."""
+    return seed if config.noise_source == "seeded" else secrets.randbits(63)
 
 
 def dp_local_update(weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray, config: DPConfig,
@@ -42,8 +87,7 @@ def dp_local_update(weights: list[np.ndarray], features: np.ndarray, labels: np.
     set_weights(model, weights)
     dataset = torch.utils.data.TensorDataset(torch.as_tensor(features, dtype=torch.float32),
                                              torch.as_tensor(labels, dtype=torch.float32))
-    batch = max(1, int(round(config.sample_rate * len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size(config.sample_rate, len(dataset)))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # Opacus warns that its cryptographically secure RNG is off (seeded noise is what makes runs
@@ -52,6 +96,7 @@ def dp_local_update(weights: list[np.ndarray], features: np.ndarray, labels: np.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine = PrivacyEngine(accountant="rdp")
         engine.accountant = accountant  # the hospital's accountant lives across rounds
+        seed = noise_seed(config, seed)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         private_model, private_optimizer, private_loader = engine.make_private(
@@ -60,13 +105,14 @@ def dp_local_update(weights: list[np.ndarray], features: np.ndarray, labels: np.
         losses = []
         for _ in range(config.local_epochs):
             for x, y in private_loader:
-                if len(y) == 0:
-                    continue
+                # An empty Poisson batch still takes its step: Opacus clips an empty set of per-sample
+                # gradients to a zero sum and adds the noise; the accountant counts the step either way.
                 private_optimizer.zero_grad()
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(private_model(x), y)
-                loss.backward()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(private_model(x), y, reduction="sum")
+                (loss / max(len(y), 1)).backward()
                 private_optimizer.step()
-                losses.append(float(loss.detach()))
+                if len(y):
+                    losses.append(float(loss.detach()) / len(y))
     trained = [p.detach().numpy().copy() for p in private_model._module.parameters()] if hasattr(
         private_model, "_module") else get_weights(private_model)
     return LocalResult(trained, int(len(labels)), float(np.mean(losses)) if losses else float("nan"))

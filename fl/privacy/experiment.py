@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fl.data import SiteSplit
+from fl.data import PreprocessingSpec, SiteSplit
 from fl.privacy.membership import ATTACKS, AttackerKnowledge, AttackResult, evaluate_attack
 from fl.privacy.reference import (BatchedModels, DPSGDRecipe, SiteTensors, membership_masks, train_federated,
                                   train_federated_dp)
@@ -47,17 +47,20 @@ class MembershipExperiment:
 
 
 def train_population(sites: dict[str, SiteSplit], models: int, recipe: TrainingRecipe | DPSGDRecipe,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchedModels]:
+                     rng: np.random.Generator, preprocessing: PreprocessingSpec | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchedModels]:
     """Return (logits (N, K), labels (N,), members (N, K), the models) of K federated models over all sites' records.
 
     A `DPSGDRecipe` trains every model with DP-SGD at each site (its noise
-    drawn from a torch generator seeded from `rng`).
+    drawn from a torch generator seeded from `rng`), standardised with a fixed
+    `preprocessing` if given (DP runs' public scaling) instead of each model's
+    own members' statistics.
     """
     tensors = {s: SiteTensors.of(d.features, d.labels, d.schema) for s, d in sites.items()}
     masks = membership_masks({s: len(d) for s, d in sites.items()}, models, rng)
     if isinstance(recipe, DPSGDRecipe):
         generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        trained = train_federated_dp(tensors, masks, recipe, generator)
+        trained = train_federated_dp(tensors, masks, recipe, generator, preprocessing)
     else:
         trained = train_federated(tensors, masks, recipe.rounds, recipe.local_epochs, recipe.learning_rate,
                                   recipe.weight_decay, recipe.initial, recipe.optimizer)
@@ -77,12 +80,12 @@ def attack_scores(logits: np.ndarray, labels: np.ndarray, members: np.ndarray, t
 
 
 def run(sites: dict[str, SiteSplit], models: int, targets: int, recipe: TrainingRecipe | DPSGDRecipe, seed: int,
-        population_size: int = 2000) -> MembershipExperiment:
+        population_size: int = 2000, preprocessing: PreprocessingSpec | None = None) -> MembershipExperiment:
     """Train `models` federated pipelines and attack `targets` of them; return pooled results."""
     if not 2 <= targets < models:
         raise ValueError(f"need 2 <= targets < models, got targets={targets}, models={models}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
-    logits, labels, members, trained = train_population(sites, models, recipe, rng)
+    logits, labels, members, trained = train_population(sites, models, recipe, rng, preprocessing)
     population = rng.choice(len(labels), size=min(population_size, len(labels)), replace=False)
     pooled = {attack: [] for attack in ATTACKS}
     for target in range(targets):

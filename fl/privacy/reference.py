@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, transformed_features
+from fl.data import SYNTHETIC_SCHEMA, FeatureSchema, PreprocessingSpec, transformed_features
 
 
 @dataclass(frozen=True)
@@ -226,13 +226,19 @@ class DPSGDRecipe:
 
     def steps_per_epoch(self, rows: int) -> int:
         """Return the DP-SGD steps of one local epoch over `rows` patients (Opacus: batches of the data loader)."""
-        batch = max(1, int(round(self.sample_rate * rows)))
-        return -(-rows // batch)
+        from fl.privacy.dp import steps_per_epoch
+
+        return steps_per_epoch(self.sample_rate, rows)
 
 
 def train_federated_dp(sites: dict[str, SiteTensors], masks: dict[str, torch.Tensor], recipe: DPSGDRecipe,
-                       generator: torch.Generator) -> BatchedModels:
+                       generator: torch.Generator, preprocessing: PreprocessingSpec | None = None) -> BatchedModels:
     """Return M models, each trained by FedAvg with DP-SGD at every site on its own members.
+
+    Each model standardises with its own members' statistics (the federated
+    statistics round, outside the DP guarantee), or, given a fixed
+    `preprocessing` (public scaling, `fl.privacy.public_scaling`), every model
+    uses that spec and nothing but DP-SGD depends on the members.
 
     Opacus's DP-SGD written out for M logistic regressions at once: each step
     samples every member with probability 1 / steps (Poisson), clips each
@@ -243,7 +249,11 @@ def train_federated_dp(sites: dict[str, SiteTensors], masks: dict[str, torch.Ten
     """
     names = sorted(sites)
     m = next(iter(masks.values())).shape[0]
-    mean, std = member_statistics(sites, masks)
+    if preprocessing is None:
+        mean, std = member_statistics(sites, masks)
+    else:
+        mean, std = (torch.as_tensor(np.asarray(a, dtype=np.float64)).expand(m, -1).clone()
+                     for a in (preprocessing.mean, preprocessing.std))
     f = next(iter(sites.values())).values.shape[1]
     global_weight, global_indicator, global_bias = _starting_models(recipe.initial, m, f)
     counts = {name: masks[name].float().sum(dim=1) for name in names}

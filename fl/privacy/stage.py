@@ -16,8 +16,9 @@ from fl.evaluate import auroc, not_estimable_reason
 from fl.federated import initial_weights, predict, predict_logits
 from fl.flower.server_app import CHECKPOINTS, local_train_config, saved_weights
 from fl.flower.stage import load_result
-from fl.privacy import attribute, canaries, client_dp, reconstruction, require_logistic
+from fl.privacy import attribute, audit, canaries, client_dp, dp, reconstruction, require_logistic
 from fl.privacy.dp import DPConfig, accounted_epsilon, dp_fedavg, epsilon_bound
+from fl.privacy.public_scaling import FEDERATED_STATISTICS_CHOICE, public_spec
 from fl.privacy.experiment import MembershipExperiment, TrainingRecipe, run
 from fl.privacy.membership import ATTACKS, AttackResult, clopper_pearson, evaluate_attack, fpr_label, loss_scores
 from fl.privacy.reference import DPSGDRecipe
@@ -157,35 +158,77 @@ def batch_reconstruction(profile: Profile, build_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def dp_preprocessing(profile: Profile, schema) -> PreprocessingSpec | None:
+    """Return the fixed preprocessing of the profile's DP runs (public ranges), or None for federated statistics.
+
+    None (privacy.dp_preprocessing: federated_statistics) means each DP run
+    standardises with the statistics round, which no DP guarantee covers.
+    """
+    if profile.privacy.dp_preprocessing == FEDERATED_STATISTICS_CHOICE:
+        return None
+    return public_spec(schema)
+
+
+def _federated_spec(train, schema) -> PreprocessingSpec:
+    """Return the spec the statistics round computes (round 0 in the clear) from the training splits."""
+    return PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()], schema),
+                                             schema)
+
+
+def _dp_fedavg_auroc(profile: Profile, train, test, spec, noise: float, seed: int):
+    """Return (weights, epsilons, AUROC per site) of DP FedAvg at `noise` with inputs standardised by `spec`."""
+    privacy = profile.privacy
+    config = DPConfig(noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate, privacy.dp_delta,
+                      privacy.dp_learning_rate, 1, privacy.dp_noise_source)
+    data = {s: (spec.transform(t.features), t.labels) for s, t in train.items()}
+    start = initial_weights("logistic", spec.n_outputs, (), seed)
+    weights, epsilons = dp_fedavg(data, start, profile.federated.rounds, config, seed)
+    auroc_at = {site: (round(auroc(test[site].labels, predict("logistic", (), weights,
+                                                                spec.transform(test[site].features))), 4)
+                       if not_estimable_reason(test[site].labels) is None else None) for site in profile.sites}
+    return weights, epsilons, auroc_at
+
+
 def dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
-    """Return, per DP noise level: epsilon per hospital and overall, AUROC per site, and the loss attack
-    on the DP model (members: training split, non-members: test split) against the bound epsilon implies."""
+    """Return, per DP noise level: epsilon per hospital and overall, each hospital's sampling rate and steps,
+    AUROC per site, and the loss attack on the DP model (members: training split, non-members: test split)
+    against the bound epsilon implies.
+
+    The DP runs standardise as `privacy.dp_preprocessing` says (public
+    ranges by default: no statistics round). To measure what covering round
+    0 costs, the smallest and the largest noise level are also run with the
+    statistics round's standardisation (`auroc_<site>_round0_statistics`,
+    outside the guarantee; two runs, not one per level, to keep stage 4 short).
+    """
     require_logistic(profile)
     privacy = profile.privacy
     train = site_splits(build_dir, profile.sites, "train")
     test = site_splits(build_dir, profile.sites, "test")
     schema = shared_schema(train)
-    spec = PreprocessingSpec.from_statistics(FeatureStatistics.of_sites([t.features for t in train.values()], schema),
-                                             schema)
-    data = {s: (spec.transform(t.features), t.labels) for s, t in train.items()}
-    start = initial_weights("logistic", schema.n_inputs, (), profile.seed)
+    federated = _federated_spec(train, schema)
+    fixed = dp_preprocessing(profile, schema)
+    spec = fixed if fixed is not None else federated
     rows = []
     for noise in privacy.dp_noise_multipliers:
-        config = DPConfig(noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate, privacy.dp_delta,
-                          privacy.dp_learning_rate, 1)
-        weights, epsilons = dp_fedavg(data, start, profile.federated.rounds, config, profile.seed)
+        weights, epsilons, auroc_at = _dp_fedavg_auroc(profile, train, test, spec, noise, profile.seed)
         epsilon = max(epsilons.values())
+        steps = {s: dp.steps_per_epoch(privacy.dp_sample_rate, len(t)) for s, t in train.items()}
         row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
-               **{f"epsilon_{s}": round(e, 3) for s, e in epsilons.items()}}
+               "preprocessing": privacy.dp_preprocessing, "noise_source": privacy.dp_noise_source,
+               **{f"epsilon_{s}": round(e, 3) for s, e in epsilons.items()},
+               **{f"sample_rate_{s}": round(1 / n, 6) for s, n in steps.items()},
+               **{f"steps_{s}": n * profile.federated.rounds for s, n in steps.items()}}
         scores, members = [], []
         for site in profile.sites:
             for split, is_member in ((train[site], True), (test[site], False)):
                 scores.append(loss_scores(predict_logits("logistic", (), weights, spec.transform(split.features)),
                                           split.labels))
                 members.append(np.full(len(split), is_member))
-            row[f"auroc_{site}"] = (round(auroc(test[site].labels, predict(
-                "logistic", (), weights, spec.transform(test[site].features))), 4)
-                if not_estimable_reason(test[site].labels) is None else None)
+            row[f"auroc_{site}"] = auroc_at[site]
+        compared = {min(privacy.dp_noise_multipliers), max(privacy.dp_noise_multipliers)}
+        if fixed is not None and noise in compared:  # the same DP run with the statistics round: round 0's cost
+            _, _, with_round0 = _dp_fedavg_auroc(profile, train, test, federated, noise, profile.seed)
+            row |= {f"auroc_{site}_round0_statistics": value for site, value in with_round0.items()}
         attack = evaluate_attack(np.concatenate(scores), np.concatenate(members))
         row |= against_bound(attack.tpr_at, epsilon, privacy.dp_delta, attack.non_members, tpr_key="attack_tpr_at")
         row["attack_auc"] = round(attack.auc, 4)
@@ -200,10 +243,12 @@ def client_dp_frontier(profile: Profile, build_dir: Path) -> pd.DataFrame:
     with Flower's server-side clipping wrapper (fl.privacy.client_dp).
     """
     privacy = profile.privacy
+    preprocessing = dp_preprocessing(profile, shared_schema(site_splits(build_dir, profile.sites, "train")))
     with tempfile.TemporaryDirectory(prefix="client-dp-") as runs:
         return client_dp.client_level_frontier(
             profile, [site_dir(build_dir, s) for s in profile.sites], Path(runs),
-            list(privacy.client_dp_noise_multipliers), privacy.client_dp_clipping_norm, privacy.dp_delta)
+            list(privacy.client_dp_noise_multipliers), privacy.client_dp_clipping_norm, privacy.dp_delta,
+            preprocessing, privacy.dp_noise_source)
 
 
 def secure_aggregation(profile: Profile, build_dir: Path) -> SecAggMeasurement:
@@ -216,8 +261,17 @@ def secure_aggregation(profile: Profile, build_dir: Path) -> SecAggMeasurement:
 
 
 def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
-    """Return, per DP noise level and attack, the membership attacks against DP-SGD-trained federations
-    (batched reference pipelines, as for the non-private model) and the bound their epsilon implies."""
+    """Return, per DP noise level (0 first: the same DP-SGD training, clipping included, without noise) and
+    attack, the membership attacks against DP-SGD-trained federations (batched reference pipelines, as for the
+    non-private model) and the bound their epsilon implies.
+
+    The sampling rate differs from the frontier's: a reference pipeline
+    trains on its members (half of a `dp_attack_patients` subsample), and
+    Opacus's Poisson rate is 1 / (batches per epoch), batches of
+    round(dp_sample_rate * rows); rounding makes the rate, and so epsilon,
+    differ slightly from the frontier's full training split at the same
+    noise. Each row states its rate and steps.
+    """
     require_logistic(profile)
     privacy = profile.privacy
     # A random subsample of each site keeps the many small DP steps affordable; the bound is unchanged,
@@ -226,23 +280,67 @@ def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.dp_attack_patients, len(d)), replace=False)))
              for s, d in site_splits(build_dir, profile.sites, "all").items()}
     start = recipe(profile, shared_schema(sites).n_inputs).initial
+    preprocessing = dp_preprocessing(profile, shared_schema(sites))
     rows = []
-    for noise in privacy.dp_noise_multipliers:
+    for noise in [0.0, *privacy.dp_noise_multipliers]:
         dp_recipe = DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
                                 privacy.dp_learning_rate, start)
         experiment = run(sites, privacy.dp_attack_reference_models, privacy.target_models, dp_recipe, profile.seed,
-                         privacy.population_size)
+                         privacy.population_size, preprocessing)
         # Each site's accountant: Poisson rate 1 / steps, steps per epoch times epochs times rounds.
-        epsilon = max(accounted_epsilon(noise, 1 / steps, steps * dp_recipe.local_epochs * dp_recipe.rounds,
-                                        privacy.dp_delta)
-                      for steps in experiment.trained.dp_steps.values())
+        site_steps = experiment.trained.dp_steps
+        total = {s: n * dp_recipe.local_epochs * dp_recipe.rounds for s, n in site_steps.items()}
+        epsilon = (max(accounted_epsilon(noise, 1 / n, total[s], privacy.dp_delta) for s, n in site_steps.items())
+                   if noise > 0 else float("inf"))
         for attack, result in experiment.results.items():
             row = {"noise_multiplier": noise, "epsilon": round(epsilon, 3), "delta": privacy.dp_delta,
-                   "attack": ATTACKS[attack].label, "auc": round(result.auc, 4)}
+                   "attack": ATTACKS[attack].label, "auc": round(result.auc, 4),
+                   "preprocessing": privacy.dp_preprocessing,
+                   "sample_rate": {s: round(1 / n, 6) for s, n in site_steps.items()}, "steps": total}
             row |= against_bound(result.tpr_at, epsilon, privacy.dp_delta, result.non_members, interval=True)
             rows.append(row | {"members": result.members, "non_members": result.non_members,
                                "patients_per_site": {s: len(d) for s, d in sites.items()}})
     return pd.DataFrame(rows)
+
+
+def dp_audit(profile: Profile, build_dir: Path) -> list[audit.AuditResult]:
+    """Return the empirical audit of DP-SGD (fl.privacy.audit): per noise level, and two controls that must fail.
+
+    - each `dp_noise_multipliers` level, with the DP runs' preprocessing;
+    - planted accounting error: trained without noise, accounted at `audit_control_noise` (must be a violation);
+    - round 0 in the clear: `audit_control_noise` with the statistics round's standardisation, the attacker
+      reading the released statistics (a violation shows that round 0 is outside the guarantee).
+
+    Each on `audit_patients` per site (a random subsample) and `audit_models` federations.
+    """
+    require_logistic(profile)
+    privacy = profile.privacy
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 13]))
+    sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.audit_patients, len(d)), replace=False)))
+             for s, d in site_splits(build_dir, profile.sites, "all").items()}
+    start = recipe(profile, shared_schema(sites).n_inputs).initial
+    spec = dp_preprocessing(profile, shared_schema(sites))
+
+    def audited(noise, accounted=None, preprocessing=spec, label=None):
+        dp_recipe = DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
+                                privacy.dp_learning_rate, start)
+        return audit.audit(sites, profile.sites[0], dp_recipe, privacy.audit_models, privacy.dp_delta, profile.seed,
+                           preprocessing, accounted, label)
+
+    control = privacy.audit_control_noise
+    results = [audited(noise) for noise in privacy.dp_noise_multipliers]
+    results.append(audited(0.0, control, label=f"planted error: no noise, accounted at noise {control:g}"))
+    results.append(audited(control, preprocessing=None, label=f"round 0 in the clear, noise {control:g}"))
+    return results
+
+
+def dp_audit_table(results: list[audit.AuditResult]) -> pd.DataFrame:
+    """Return per audited configuration: accounted epsilon, the audit's 95% lower bound, its ceiling, the verdict."""
+    return pd.DataFrame([{"audit": r.label, "preprocessing": r.preprocessing, "epsilon (accounted)": round(r.epsilon, 3),
+                          "epsilon lower bound (95%)": round(r.bound.epsilon_lower, 3),
+                          "most the audit can show": round(r.bound.ceiling, 3), "verdict": r.verdict,
+                          "federations (in/out, evaluated)": f"{r.bound.trials_in}/{r.bound.trials_out}"}
+                         for r in results])
 
 
 def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: float, delta: float, non_members: int,
@@ -254,16 +352,23 @@ def against_bound(tpr_at: dict[float, tuple[float, float, float]], epsilon: floa
     the false-positive rate it really has is uncertain too: a violation needs the TPR's whole interval
     above the bound at the upper end of that rate's 95% Clopper-Pearson interval (as DP audits do),
     not merely above e^epsilon * fpr + delta.
+
+    Where the bound at that upper rate is 1 (a large epsilon, or no DP at all), no TPR can exceed it:
+    the check is labelled "not testable" (`bound_check_at_*`), not "no violation".
     """
     row = {}
     for fpr, (tpr, low, high) in tpr_at.items():
         bound, label = epsilon_bound(epsilon, delta, fpr), fpr_label(fpr)
         fpr_upper = clopper_pearson(int(np.floor(fpr * non_members)), non_members)[1]
+        tested = epsilon_bound(epsilon, delta, fpr_upper)
+        violated = bool(low > tested)
         row[f"{tpr_key}_{label}"] = round(tpr, 5)
         if interval:
             row |= {f"tpr_lower_at_{label}": round(low, 5), f"tpr_upper_at_{label}": round(high, 5)}
         row |= {f"bound_at_{label}": round(bound, 5), f"fpr_upper_at_{label}": round(fpr_upper, 5),
-                f"violates_bound_at_{label}": bool(low > epsilon_bound(epsilon, delta, fpr_upper))}
+                f"violates_bound_at_{label}": violated,
+                f"bound_check_at_{label}": audit.VIOLATION if violated else (
+                    audit.NOT_TESTABLE if tested >= 1 else audit.NO_VIOLATION)}
     return row
 
 
@@ -275,7 +380,34 @@ def dp_attack_table(dp_attacks: pd.DataFrame) -> pd.DataFrame:
         "TPR@1%FPR": [f"{v:.4f} ({lo:.4f}-{hi:.4f})" for v, lo, hi in dp_attacks[
             ["tpr_at_1pct_fpr", "tpr_lower_at_1pct_fpr", "tpr_upper_at_1pct_fpr"]].to_numpy()],
         "bound at 1% FPR": dp_attacks["bound_at_1pct_fpr"],
-        "bound violated": dp_attacks["violates_bound_at_1pct_fpr"] | dp_attacks["violates_bound_at_0.1pct_fpr"]})
+        "bound check at 1% / 0.1% FPR": [f"{one} / {tenth}" for one, tenth in dp_attacks[
+            ["bound_check_at_1pct_fpr", "bound_check_at_0.1pct_fpr"]].to_numpy()]})
+
+
+def release_coverage(profile: Profile) -> dict:
+    """Return what a DP run's epsilon covers: the preprocessing it used, and so whether round 0 is inside."""
+    if profile.privacy.dp_preprocessing == FEDERATED_STATISTICS_CHOICE:
+        return {"preprocessing": FEDERATED_STATISTICS_CHOICE,
+                "covers": ("the model updates only: the statistics round (counts, sums, sums of squares in the clear) "
+                           "and the means and standard deviations shipped with the model are outside it")}
+    return {"preprocessing": "public_ranges",
+            "covers": ("every message the hospitals send and the released model with its preprocessing: no statistics "
+                       "round is run; inputs are scaled by fixed published ranges (fl/privacy/public_scaling.py)")}
+
+
+def round0_utility_cost(frontier: pd.DataFrame, sites: list[str]) -> list[dict]:
+    """Return per noise level the mean AUROC over sites with public scaling, with the statistics round, and the cost."""
+    rows = []
+    for point in frontier.to_dict(orient="records"):
+        public = [point.get(f"auroc_{s}") for s in sites]
+        federated = [point.get(f"auroc_{s}_round0_statistics") for s in sites]
+        if any(v is None or v != v for v in public + federated):
+            continue
+        rows.append({"noise_multiplier": point["noise_multiplier"], "epsilon": point["epsilon"],
+                     "mean_auroc_public_ranges": round(float(np.mean(public)), 4),
+                     "mean_auroc_round0_statistics": round(float(np.mean(federated)), 4),
+                     "auroc_cost": round(float(np.mean(federated) - np.mean(public)), 4)})
+    return rows
 
 
 def results_table(experiment: MembershipExperiment, position: str) -> pd.DataFrame:
@@ -338,6 +470,7 @@ class PrivacyResults:
     dp_membership: pd.DataFrame
     client_dp_frontier: pd.DataFrame
     secure_aggregation: SecAggMeasurement
+    dp_audit: list[audit.AuditResult]
 
 
 def summary(profile: Profile, results: PrivacyResults) -> dict:
@@ -393,20 +526,54 @@ def summary(profile: Profile, results: PrivacyResults) -> dict:
             "results": results.batch_reconstruction.to_dict(orient="records")},
         "client_level_dp": {
             "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping around unweighted FedAvg",
-            "unit_of_privacy": client_dp.UNIT, "accountant": client_dp.ACCOUNTANT,
+            "unit_of_privacy": client_dp.UNIT, "adjacency": client_dp.ADJACENCY, "accountant": client_dp.ACCOUNTANT,
             "clipping_norm": profile.privacy.client_dp_clipping_norm,
+            "noise_source": profile.privacy.dp_noise_source,
+            "noise_source_meaning": {"seeded": "numpy's global generator seeded from (seed, round): reproducible, not "
+                                               "private against anyone who knows the seed",
+                                     "os": "numpy's global generator seeded from the OS's cryptographic source each "
+                                           "round (the generator itself is not a CSPRNG)"}[profile.privacy.dp_noise_source],
+            **release_coverage(profile),
             "points": [{k: round(v, 4) if k.startswith("auroc_") else v for k, v in row.items()}
                        for row in results.client_dp_frontier.to_dict(orient="records")],  # epsilon without noise: null
         },
         "dp_frontier": {
             "accountant": "RDP (Opacus RDPAccountant), kept across rounds per hospital",
-            "unit_of_privacy": "one patient",
+            "unit_of_privacy": dp.UNIT, "adjacency": dp.ADJACENCY,
+            "noise_source": profile.privacy.dp_noise_source,
+            "noise_source_meaning": dp.NOISE_SOURCES[profile.privacy.dp_noise_source],
+            "empty_poisson_batches": "take a noise-only step, counted by the accountant",
+            **release_coverage(profile),
+            "round0_utility_cost": round0_utility_cost(frontier, profile.sites),
+            "sampling_rates": ("frontier: Opacus's Poisson rate 1 / ceil(n / round(dp_sample_rate * n)) on each "
+                               "site's whole training split; attacks: the same rule on a reference pipeline's members "
+                               "(half of dp_attack_patients per site), so rates and epsilons differ by rounding; "
+                               "each row states its rate and steps"),
             "points": frontier.to_dict(orient="records"),
             "any_bound_violation": bool(frontier.filter(like="violates_bound").to_numpy().any()),
             "attacks_on_dp_reference_pipelines": dp_attacks.to_dict(orient="records"),
             "any_attack_bound_violation": bool(dp_attacks.filter(like="violates_bound").to_numpy().any()),
+            "attack_noise_source": "seeded torch generator (simulated federations: reproducible by design)",
         },
-        "secure_aggregation": results.secure_aggregation.summary(),
+        "dp_audit": {
+            "method": ("canary in a random half of DP-SGD federations (the rest of the data fixed); 95% lower bound "
+                       "on epsilon from Clopper-Pearson upper limits on FPR and FNR (Jagielski et al. 2020; Nasr et "
+                       "al. 2021, 2023); threshold chosen on half the federations, bound on the other half"),
+            "position": "A/B: released model (or, for round 0, the released preprocessing)",
+            "noise_source": "seeded torch generator (simulated federations)",
+            "patients_per_site": profile.privacy.audit_patients,
+            "results": [r.as_dict() for r in results.dp_audit],
+            "controls_caught": all(r.verdict == audit.VIOLATION for r in results.dp_audit
+                                   if r.noise_multiplier != r.accounted_noise_multiplier
+                                   or r.preprocessing != "public ranges"),
+            "any_violation_at_noise_levels": any(r.verdict == audit.VIOLATION for r in results.dp_audit
+                                                 if r.noise_multiplier == r.accounted_noise_multiplier
+                                                 and r.preprocessing == "public ranges"),
+        },
+        "secure_aggregation": {**results.secure_aggregation.summary(),
+                               "round0": ("not covered: SecAgg+ masks the training rounds' models only; the non-DP "
+                                          "pipeline's statistics round sends each site's counts and sums in the "
+                                          "clear (DP runs have no statistics round)")},
         # Kept (empty) for the report, which lists what stage 4 does not cover yet.
         "not_yet_measured": [],
     }
