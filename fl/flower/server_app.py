@@ -10,7 +10,9 @@ YAML for provided data, empty for the synthetic sites), `strategy` (fedavg,
 fedprox, fedadam), `output-dir`, `resume`, and for client-level DP around
 FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
 `client-dp-clipping-norm`; for patient-level DP-SGD at every site the
-`dp-*` keys of `protocol.DP_KEYS`.
+`dp-*` keys of `protocol.DP_KEYS`; `site-nodes` ("site=node_id,...", the
+registered node map: exactly those nodes may take part, see
+`fl.flower.integrity`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from compendium.params import Profile, load_params
 from fl.data import FeatureSchema, FeatureStatistics, PreprocessingSpec
 from fl.federated import initial_weights
 from fl.flower import protocol
+from fl.flower.integrity import CheckedGrid, parse_node_map
 from fl.flower.ledger import LedgerGrid
 from fl.train import TrainConfig
 
@@ -297,12 +300,14 @@ def history_rows(grid: LedgerGrid, server_round: int) -> list[dict]:
 
 def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir: Path,
                    resume: bool = False, client_dp: ClientLevelDP | None = None,
-                   patient_dp=None) -> FederationResult:
+                   patient_dp=None, node_map: dict[int, str] | None = None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
 
     With `resume`, training continues from the last round checkpoint in
     `output_dir` (weights and server optimiser state) and reaches the same
-    final model as an uninterrupted run.
+    final model as an uninterrupted run. Every reply is checked before it is
+    aggregated, and with `node_map` ({node id: site}) only those nodes may
+    take part (`fl.flower.integrity.CheckedGrid`).
     """
     import logging
 
@@ -316,11 +321,12 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         for stale in (ledger_path, history_path, *(output_dir / CHECKPOINTS).glob("round_*.npz")):
             stale.unlink(missing_ok=True)
     ledger = LedgerGrid(grid, ledger_path, run_label=strategy_name)
+    checked = CheckedGrid(ledger, node_map)  # outside the ledger: a rejected reply is still recorded
     federated = profile.federated
     n_sites = len(profile.sites)
     started = time.perf_counter()
-    nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s)
-    spec, rows = federated_statistics(ledger, nodes, federated.round_timeout_s)
+    nodes = wait_for_sites(checked, n_sites, federated.round_timeout_s)
+    spec, rows = federated_statistics(checked, nodes, federated.round_timeout_s)
     statistics_seconds = time.perf_counter() - started
 
     hidden = tuple(profile.baselines.mlp_hidden)
@@ -349,7 +355,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         return None
 
     started = time.perf_counter()
-    result = strategy.start(grid=ledger, initial_arrays=ArrayRecord(start), num_rounds=federated.rounds - done,
+    result = strategy.start(grid=checked, initial_arrays=ArrayRecord(start), num_rounds=federated.rounds - done,
                             timeout=federated.round_timeout_s, train_config=ConfigRecord(dict(settings)),
                             evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=checkpoint)
     training_seconds = time.perf_counter() - started
@@ -376,4 +382,5 @@ def main(grid: Grid, context: Context) -> None:
         client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
                                   float(config["client-dp-clipping-norm"]))
     run_federation(grid, profile, str(config["strategy"]), Path(str(config["output-dir"])),
-                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=protocol.read_dp(config))
+                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=protocol.read_dp(config),
+                   node_map=parse_node_map(str(config.get("site-nodes", ""))))
