@@ -57,7 +57,7 @@ from compendium.artifacts import package_versions, relative, replace_folder, wri
 from compendium.params import REPO_ROOT, ParamsError, build_name, load_params, profile_path
 from fl.data import site_dir
 from fl.federated import weights_difference
-from fl.flower.credentials import Credentials, make_credentials
+from fl.flower.credentials import Credentials, make_credentials, secrets_in
 from fl.flower.integrity import format_node_map
 from fl.flower.policy import SitePolicy
 from fl.flower.runner import app_hash
@@ -580,6 +580,11 @@ def collect(build_dir: Path, state: Path, summary: dict) -> Path:
     shutil.copytree(state / "logs", staging / "logs")
     shutil.copy2(state / "credentials" / "ca.crt", staging / "ca.crt")
     write_json(staging / "deployment.json", summary)
+    leaked = secrets_in(staging)
+    if leaked:  # never publish a key or the SuperLink's database, whatever was copied above
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DeploymentError(f"refusing to publish {len(leaked)} file(s) holding a private key or a database: "
+                              f"{', '.join(p.name for p in leaked)}")
     return replace_folder(staging, target)
 
 
