@@ -167,8 +167,8 @@ def _replace_weights(reply, transform):
 
 
 @pytest.mark.parametrize("tamper, match", [
-    (lambda r: _replace_weights(r, lambda w: [w[0].astype(np.float64), *w[1:]]), "shapes/dtypes"),
-    (lambda r: _replace_weights(r, lambda w: [np.concatenate([w[0], w[0]], axis=-1), *w[1:]]), "shapes/dtypes"),
+    (lambda r: _replace_weights(r, lambda w: [w[0].astype(np.int64), *w[1:]]), "dtype"),
+    (lambda r: _replace_weights(r, lambda w: [np.concatenate([w[0], w[0]], axis=-1), *w[1:]]), "shapes"),
     (lambda r: _replace_weights(r, lambda w: [np.full_like(w[0], np.nan), *w[1:]]), "non-finite"),
     (lambda r: r.content[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, 10**6), "training examples"),
     (lambda r: r.content.__setitem__("extra", ArrayRecord([np.zeros(200_000, np.float32)])), "more than its weights"),

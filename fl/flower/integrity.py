@@ -8,8 +8,8 @@ nodes: a node not in the map stops the run, and a reply whose self-reported
 site differs from the node's registered site is rejected. Every reply is
 validated before the strategy sees it:
 
-- training replies carry arrays of exactly the shapes and dtypes that were
-  sent, all finite, and a `num-examples` equal to the training rows the
+- training replies carry arrays of exactly the shapes that were sent, of a
+  float dtype (float32 or float64), all finite, and a `num-examples` equal to the training rows the
   same node reported in the statistics round;
 - statistics replies carry three float64 vectors, one value per feature;
 - metrics are finite numbers, and no reply exceeds `max_reply_bytes`.
@@ -31,6 +31,8 @@ from flwr.common.serde import message_to_proto
 from fl.flower import protocol
 from fl.flower.ledger import ForwardingGrid
 
+#: Weight dtypes a training reply may carry.
+WEIGHT_DTYPES = ("float32", "float64")
 #: A reply may exceed the arrays it returns by this much (metrics, site record, framing).
 REPLY_OVERHEAD_BYTES = 64 * 1024
 
@@ -133,11 +135,15 @@ class CheckedGrid(ForwardingGrid):
         got = reply.content[protocol.ARRAYS] if protocol.ARRAYS in reply.content else None
         if not isinstance(got, ArrayRecord):
             raise ReplyRejected(f"{where}: training reply carries no weights")
-        expected = [(a.shape, a.dtype) for a in sent.to_numpy_ndarrays()]
+        # Shapes exactly as sent; the dtype a float one (FedAdam's server step sends float64, sites reply float32).
+        expected = [a.shape for a in sent.to_numpy_ndarrays()]
         weights = got.to_numpy_ndarrays()
-        shapes = [(a.shape, a.dtype) for a in weights]
+        shapes = [a.shape for a in weights]
         if shapes != expected:
-            raise ReplyRejected(f"{where}: weights have shapes/dtypes {_show(shapes)}, expected {_show(expected)}")
+            raise ReplyRejected(f"{where}: weights have shapes {shapes}, expected {expected}")
+        wrong = sorted({str(a.dtype) for a in weights} - set(WEIGHT_DTYPES))
+        if wrong:
+            raise ReplyRejected(f"{where}: weights have dtype(s) {wrong}; expected one of {list(WEIGHT_DTYPES)}")
         if not all(np.isfinite(a).all() for a in weights):
             raise ReplyRejected(f"{where}: weights contain non-finite values")
         if size > got.count_bytes() + REPLY_OVERHEAD_BYTES:
@@ -152,10 +158,6 @@ class CheckedGrid(ForwardingGrid):
 def _finite(value) -> bool:
     values = value if isinstance(value, list) else [value]
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-
-
-def _show(shapes) -> str:
-    return "[" + ", ".join(f"{tuple(s)} {d}" for s, d in shapes) + "]"
 
 
 def _round(message: Message) -> int:
