@@ -41,7 +41,7 @@ $(RULES): $(STAMP) params/$(PROFILE).yaml compendium/stages.py compendium/makeru
 
 SITE := $(BUILD)/site/index.html
 
-.PHONY: all smoke test bench help venv lock clean lab chromium report scan check-params federation stages
+.PHONY: all smoke test bench help venv lock clean lab chromium report scan check-params federation trust stages
 
 all: $(SITE) scan ## bootstrap .venv if missing, run every stage for PROFILE (default: default), build the report
 	@echo "done: report in $(BUILD)/05_report/, reviewer site $(BUILD)/site/index.html"
@@ -55,8 +55,11 @@ smoke: ## the whole pipeline with the small smoke profile
 RESUME ?=
 STRATEGY ?= fedavg
 
-federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: SuperLink + a SuperNode per site, TLS, node auth (RESUME=1 continues)
+federation: $(STAGE3) ## stage 3's federation on Flower's deployment engine: SuperLink + a SuperNode per site, TLS, node auth, pinned package, hospital floors (RESUME=1 continues)
 	$(PY) -m fl.flower.deployment --profile $(PROFILE) --build-root $(BUILD_ROOT) --strategy $(STRATEGY) $(if $(RESUME),--resume) $(DATA_ARG)
+
+trust: $(STAGE3) ## the malicious-server test: the same attacks against Flower's defaults and the hardened hospitals (03_federated_training/trust/)
+	$(PY) -m fl.flower.trust --profile $(PROFILE) --build-root $(BUILD_ROOT)
 
 report: $(SITE) ## stage 5: the pilot report (HTML, PDF, en + sv) and the reviewer site
 

@@ -263,3 +263,43 @@ def test_patient_level_dp_sgd_runs_in_the_deployment_with_the_accountant_kept_ac
     epsilon = {(row["site"], row["round"]): row["epsilon"] for row in history}
     assert all(epsilon[(site, 2)] > epsilon[(site, 1)] for site in sites)
 
+
+
+@pytest.mark.timeout(1800)  # two federations, nine runs of Flower's deployment engine
+def test_a_malicious_server_succeeds_against_flower_defaults_and_is_refused_by_the_hardened_hospitals(tmp_path):
+    """Each attempt of the malicious-server test, against both federations (fl/flower/trust.py)."""
+    from fl.flower import trust
+
+    params = _profile_file(tmp_path / "params")
+    build = tmp_path / "build"
+    sites = build_sites(build, {"halland": 500, "sahlgrenska": 700}, seed=7)
+    table = trust.evaluate_trust(params, build, progress=False)
+    plain, hardened = table["columns"]["plain"], table["columns"]["hardened"]
+    assert set(hardened) == {a.key for a in trust.attempts(100)} == set(plain) | {"control"}
+
+    # Flower's defaults: every attempt goes through, and the ledger shows what the hospitals did.
+    for key, result in plain.items():
+        assert result["completed"], (key, result)
+    assert plain["a_batch_1"]["evidence"]["batch_size_asked"] == 1
+    assert plain["a_batch_1"]["evidence"]["training_replies_with_weights"] == 2
+    assert plain["b_dp_off"]["evidence"]["dp_noise_asked"] is None  # no DP-SGD settings were sent
+    stolen = plain["c_steal"]["evidence"]
+    assert "stolen-bytes" in stolen["reply_metrics"]
+    assert sorted(line.split()[0] for line in stolen["socket_messages_received"]) == sorted(sites)
+    assert all(int(line.split()[1]) > 0 for line in stolen["socket_messages_received"])
+    assert plain["e_third_node"]["evidence"]["training_replies_with_weights"] == 3
+
+    # Hardened: the control run completes; every attack is refused for its stated reason, before training.
+    assert hardened["control"]["completed"], hardened["control"]
+    for key, result in hardened.items():
+        if key == "control":
+            continue
+        assert not result["completed"] and result["refused_by"] == result["expected_refusal"], (key, result)
+        assert result["evidence"]["training_replies_with_weights"] == 0, (key, result)
+    assert hardened["c_steal"]["evidence"]["socket_messages_received"] == []
+    assert "FEDHF-POLICY-DP-REQUIRED" in " ".join(hardened["b_dp_off"]["evidence"]["refusals_in_ledger"])
+    # The hospitals' runners kept their own record of the refused package.
+    records = [json.loads(line) for site in sites for line in
+               (build / dep.STATE / "trust-hardened" / dep.SITE_RECORDS / f"{site}.jsonl").read_text().splitlines()]
+    assert any(r["outcome"] == "FEDHF-FAB-NOT-PINNED" and not r["pinned"] for r in records)
+    assert (build / trust.TRUST / "malicious_server.md").read_text().count("refused") >= 5

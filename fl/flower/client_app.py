@@ -12,17 +12,25 @@ Replies carry weights and aggregates; no record-level value leaves the site.
 With node configuration `site-ledger` (a file path), the `site_ledger` mod
 appends one line per message the node receives or sends: the site's own
 record of what crossed its boundary, in the same bytes as the server's ledger.
+
+The hospital's own floors (node configuration `min-batch-size`,
+`max-local-epochs`, `require-dp`, `max-epsilon`, `allowed-models`; see
+`fl.flower.policy`) are checked before any training. With node
+configuration `site-log` (a file path), the `hospital_guard` mod turns
+every failure into a reply with a fixed code and keeps the exception's
+text in that local log, so no row number, value or path reaches the server.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_to_proto
 
@@ -32,6 +40,7 @@ from fl.evaluate import auroc, record_loss
 from fl.federated import local_update, personalised, predict, predict_logits, round_seed
 from fl.flower import protocol
 from fl.flower.isolation import check_site, confine_to_site
+from fl.flower.policy import ERROR_CODE, PolicyRefusal, SitePolicy, log_exception, site_error
 from fl.train import validation_mask
 
 
@@ -49,7 +58,20 @@ def site_ledger(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[site_ledger])
+def hospital_guard(msg: Message, context: Context, call_next) -> Message:
+    """Reply to any failure with a fixed code; keep the details in the site's log (node config `site-log`)."""
+    log = context.node_config.get("site-log")
+    if not log:
+        return call_next(msg, context)
+    try:
+        return call_next(msg, context)
+    except Exception as error:  # every failure, so that no exception text leaves the site
+        code, text = site_error(error)
+        log_exception(str(log), code, msg.metadata.message_type, error)
+        return Message(Error(code=ERROR_CODE, reason=text), reply_to=msg)
+
+
+app = ClientApp(mods=[site_ledger, hospital_guard])
 
 
 def site_directory(context: Context) -> Path:
@@ -155,6 +177,9 @@ def train(msg: Message, context: Context) -> Message:
     weights = _with_own_head(received, config, context)
     seed_of_round = round_seed(seed, data.site, int(config["server-round"]))
     dp = protocol.read_dp(config)
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_train(kind=kind, epochs=train_config.epochs, batch_size=train_config.batch_size, rows=len(data),
+                       dp=dp, projected_epsilon=lambda: projected_epsilon(context, dp, len(data)))
     features, labels = local.model_matrix(spec), data.labels
     fraction = float(config.get(protocol.VALIDATION_FRACTION, 0.0))
     if fraction > 0:  # federated model selection: train on the rest, validate on the held-out rows
@@ -164,7 +189,16 @@ def train(msg: Message, context: Context) -> Message:
     if dp is None:
         result = local_update(kind, hidden, weights, features, labels, train_config, seed_of_round)
     else:
+        state_before = context.state[protocol.DP_ACCOUNTANT] if protocol.DP_ACCOUNTANT in context.state else None
         result, metrics["epsilon"] = _dp_update(weights, features, labels, dp, kind, context, seed_of_round)
+        if policy.max_epsilon is not None and not metrics["epsilon"] <= policy.max_epsilon:
+            # The projection and the accountant disagree: withhold the update and keep the old history.
+            if state_before is None:
+                del context.state[protocol.DP_ACCOUNTANT]
+            else:
+                context.state[protocol.DP_ACCOUNTANT] = state_before
+            raise PolicyRefusal("FEDHF-POLICY-EPSILON", f"epsilon after the round {metrics['epsilon']:.3g}; "
+                                f"maximum {policy.max_epsilon:g}; the update was withheld")
     head = int(config.get(protocol.PERSONAL_ARRAYS, 0))
     sent = result.weights
     if head:  # FedPer: the site keeps its own head; the server gets back the head it sent, unchanged
@@ -179,6 +213,30 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _accountant(context: Context):
+    """Return this node's RDP accountant with the history kept in its Context state."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    if protocol.DP_ACCOUNTANT in context.state:
+        saved = context.state[protocol.DP_ACCOUNTANT]
+        accountant.history = [(float(z), float(q), int(n)) for z, q, n in
+                              zip(saved["noise"], saved["sample-rate"], saved["steps"])]
+    return accountant
+
+
+def projected_epsilon(context: Context, dp, rows: int) -> float:
+    """Return this site's epsilon at `dp.delta` after one more round of `dp`, before training it.
+
+    `fl.privacy.dp.dp_local_update` batches by round(sample rate x rows); Opacus then samples each
+    record with probability 1/batches for `batches` steps per epoch, which is what is added here.
+    """
+    batches = math.ceil(rows / max(1, int(round(dp.sample_rate * rows))))
+    accountant = _accountant(context)
+    accountant.history.append((float(dp.noise_multiplier), 1.0 / batches, batches * int(dp.local_epochs)))
+    return float(accountant.get_epsilon(dp.delta))
+
+
 def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed: int):
     """Return (local DP-SGD result, this site's epsilon so far); the accountant lives in the node's state.
 
@@ -187,17 +245,11 @@ def _dp_update(weights, features, labels, dp, kind: str, context: Context, seed:
     carries from one message to the next, so the epsilon a site reports
     covers every round it has trained in.
     """
-    from opacus.accountants import RDPAccountant
-
     from fl.privacy.dp import dp_local_update
 
     if kind != "logistic":
         raise ValueError(f"patient-level DP-SGD is implemented for the logistic model, not {kind!r}")
-    accountant = RDPAccountant()
-    if protocol.DP_ACCOUNTANT in context.state:
-        saved = context.state[protocol.DP_ACCOUNTANT]
-        accountant.history = [(float(z), float(q), int(n)) for z, q, n in
-                              zip(saved["noise"], saved["sample-rate"], saved["steps"])]
+    accountant = _accountant(context)
     result = dp_local_update(weights, features, labels, dp, accountant, seed)
     context.state[protocol.DP_ACCOUNTANT] = ConfigRecord({"noise": [float(h[0]) for h in accountant.history],
                                                           "sample-rate": [float(h[1]) for h in accountant.history],
@@ -222,6 +274,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     local = local_split(context, "train" if fraction > 0 else "test")
     data = local.data
     spec, _, kind, hidden, seed = protocol.read_settings(config, data.schema)
+    SitePolicy.from_node_config(context.node_config).check_model(kind)
     weights = _with_own_head(msg.content[protocol.ARRAYS].to_numpy_ndarrays(), config, context)
     features, labels = local.model_matrix(spec), data.labels
     if fraction > 0:

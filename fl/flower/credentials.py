@@ -3,13 +3,17 @@
 A real deployment uses the hospitals' own PKI (docs/deployment.md says how);
 this module makes what a local run needs, with the `cryptography` package:
 
-- a certificate authority (`ca.crt`, `ca.key`), valid for a few days;
+- a certificate authority (`ca.crt`), valid for a few days; its private key
+  signs the server certificate in memory and is never written to disk, so no
+  process (and no site's code) can sign another certificate with it;
 - the SuperLink's server certificate (`superlink.crt`, `superlink.key`),
   signed by that CA, for 127.0.0.1 and localhost;
 - one ECDSA P-384 key pair per hospital (`<site>.key`, `<site>.pub`, OpenSSH
   format, as `flower-supernode --auth-supernode-private-key` and
   `flwr supernode register` expect). Only registered public keys may join.
 
+Certificates are made again when they have expired (or expire within a
+day), or when the server certificate does not name the hosts asked for.
 `python -m fl.flower.credentials FOLDER SITE [SITE ...]` writes them.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -99,7 +104,7 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS, now: d
                    .sign(ca_key, hashes.SHA384()))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "ca.key", _pem_key(ca_key))
+    (folder / "ca.key").unlink(missing_ok=True)  # (written by earlier versions) the CA key is never kept
     (folder / "superlink.crt").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(folder / "superlink.key", _pem_key(server_key))
 
@@ -113,16 +118,56 @@ def make_node_key(private_path: Path, public_path: Path) -> None:
                                                           serialization.PublicFormat.OpenSSH) + b"\n")
 
 
-def make_credentials(folder: Path, sites: tuple[str, ...] | list[str]) -> Credentials:
-    """Return the credentials in `folder`, creating whatever is missing (CA, server certificate, node keys)."""
+def certificates_usable(credentials: Credentials, hosts: tuple[str, ...] = LOCAL_HOSTS,
+                        now: datetime | None = None) -> str | None:
+    """Return why the certificates in `credentials` must be made again (None: they can be reused)."""
+    paths = (credentials.ca_certificate, credentials.server_certificate, credentials.server_key)
+    if not all(path.exists() for path in paths):
+        return "missing"
+    now = now or datetime.now(timezone.utc)
+    try:
+        ca = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
+        server = x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes())
+        server.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return "unreadable, or not signed by the CA"
+    for name, certificate in (("CA", ca), ("server", server)):
+        if certificate.not_valid_after_utc < now + timedelta(days=1):
+            return f"{name} certificate expires {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    named = {str(v) for v in names.get_values_for_type(x509.IPAddress)} | set(names.get_values_for_type(x509.DNSName))
+    if named != set(hosts):
+        return f"server certificate names {sorted(named)}, not {sorted(hosts)}"
+    return None
+
+
+def make_credentials(folder: Path, sites: tuple[str, ...] | list[str], hosts: tuple[str, ...] = LOCAL_HOSTS,
+                     now: datetime | None = None) -> Credentials:
+    """Return the credentials in `folder`, creating whatever is missing, expired or misnamed."""
     credentials = Credentials(Path(folder), tuple(sites))
-    if not (credentials.ca_certificate.exists() and credentials.server_certificate.exists()
-            and credentials.server_key.exists()):
-        make_certificates(credentials.folder)
+    if certificates_usable(credentials, hosts, now) is not None:
+        make_certificates(credentials.folder, hosts, now)
     for site in credentials.sites:
         if not (credentials.node_private_key(site).exists() and credentials.node_public_key(site).exists()):
             make_node_key(credentials.node_private_key(site), credentials.node_public_key(site))
     return credentials
+
+
+#: File openings that must never be published: PEM/OpenSSH private keys, and SQLite databases
+#: (the SuperLink's state holds node keys and run records).
+SECRET_MARKERS = (b"PRIVATE KEY-----", b"SQLite format 3\x00")
+
+
+def secrets_in(folder: Path) -> list[Path]:
+    """Return the files under `folder` that hold a private key or a database (nothing here may be published)."""
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                head = handle.read(1 << 16)
+            if head.startswith(SECRET_MARKERS[1]) or SECRET_MARKERS[0] in head or path.suffix in (".key", ".db"):
+                found.append(path)
+    return found
 
 
 def _is_ip(host: str) -> bool:

@@ -18,6 +18,16 @@ configuration home (`FLWR_HOME`) is a folder per process inside
 `build/<profile>/federation/`, so the user's own Flower settings are never
 read or changed and two profiles can run side by side.
 
+By default each hospital is hardened (`Hardening`): its SuperNode runs in
+Flower's process isolation mode and the hospital's own runner
+(`fl.flower.runner`) starts its ClientApp processes, refusing any app
+package whose hash is not on the hospital's allow-list (the compendium's own
+package, hashed at start); the node configuration carries the hospital's
+privacy floors (`fl.flower.policy`), a site-local log for error details and
+the runner's own record of every message; and the ServerApp is given the
+registered node map, so no other node may take part. `--plain` runs today's
+Flower defaults instead (for the malicious-server comparison).
+
 If a SuperNode or the SuperLink dies during the run, the run stops with a
 message naming the process and the last checkpointed round; `--resume`
 starts the federation again and continues from that checkpoint to the same
@@ -47,7 +57,10 @@ from compendium.artifacts import package_versions, relative, replace_folder, wri
 from compendium.params import REPO_ROOT, ParamsError, build_name, load_params, profile_path
 from fl.data import site_dir
 from fl.federated import weights_difference
-from fl.flower.credentials import Credentials, make_credentials
+from fl.flower.credentials import Credentials, make_credentials, secrets_in
+from fl.flower.integrity import format_node_map
+from fl.flower.policy import SitePolicy
+from fl.flower.runner import app_hash
 from fl.flower.server_app import (CHECKPOINTS, FINAL_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, latest_checkpoint,
                                   saved_weights)
 
@@ -65,6 +78,38 @@ PIDS_FILE = "pids.json"
 TASK_POLL_SECONDS = "0.2"
 #: Exit code of a SuperNode whose key the SuperLink does not know (flwr.supercore.exit).
 UNREGISTERED_NODE_EXIT = 305
+SITE_LOGS = "site_logs"
+SITE_RECORDS = "site_records"
+#: The floors `make federation` gives each hospital: the pilot's own runs fit them (full-batch
+#: training, a handful of epochs); a hospital sets its own in its node configuration.
+DEFAULT_POLICY = SitePolicy(min_batch_size=32, max_local_epochs=20, allowed_models=("logistic", "mlp"))
+
+
+@dataclass(frozen=True)
+class Hardening:
+    """What a hospital that need not trust the server runs (None / empty: Flower's defaults, as before)."""
+
+    #: SHA-256 of each reviewed app package; the hospital's runner refuses every other package.
+    pinned_fabs: tuple[str, ...] = ()
+    policy: SitePolicy = DEFAULT_POLICY
+    #: Give the ServerApp the registered node map (exactly these nodes may take part).
+    node_map: bool = True
+
+    def node_config(self) -> dict:
+        return {**self.policy.as_node_config(), **({"pinned-fabs": ",".join(self.pinned_fabs)} if self.pinned_fabs
+                                                   else {})}
+
+
+def node_config_text(entries: dict) -> str:
+    """Return a `--node-config` string (strings quoted, booleans lower-case, numbers bare)."""
+    def value(v):
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + str(v).replace('"', '') + '"'
+
+    return " ".join(f"{key}={value(v)}" for key, v in entries.items())
 
 
 class DeploymentError(RuntimeError):
@@ -212,18 +257,44 @@ class LocalFederation:
 
     # --- the hospitals --------------------------------------------------
     def start_supernode(self, site: str, folder: Path, role: str | None = None, private_key: Path | None = None,
-                        max_retries: int | None = None, ledger: Path | None = None) -> Service:
-        """Start a SuperNode for `site` that holds only `folder` (and, by default, the site's own key)."""
-        node_config = f'site="{site}" site-dir="{Path(folder).resolve()}" confine=true'
+                        max_retries: int | None = None, ledger: Path | None = None,
+                        hardening: Hardening | None = None) -> Service:
+        """Start a SuperNode for `site` that holds only `folder` (and, by default, the site's own key).
+
+        With `hardening`, the node runs in process isolation and the hospital's runner
+        (`fl.flower.runner`, role `runner-<site>`) is started beside it: it alone may take the
+        node's tasks (a shared secret), and it runs only pinned packages.
+        """
+        role = role or f"supernode-{site}"
+        entries = {"site": site, "site-dir": str(Path(folder).resolve()), "confine": True}
         if ledger is not None:
-            node_config += f' site-ledger="{ledger}"'
+            entries["site-ledger"] = str(ledger)
+        runtime_port = free_port()
         argv = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.credentials.ca_certificate),
                 "--auth-supernode-private-key", str(private_key or self.credentials.node_private_key(site)),
-                "--node-config", node_config, "--port", str(free_port())]
+                "--port", str(runtime_port)]
+        secret = None
+        if hardening is not None:
+            own = role.removeprefix("supernode-")
+            entries.update({"site-log": str(self.state_dir / SITE_LOGS / f"{own}.jsonl"),
+                            "site-record": str(self.state_dir / SITE_RECORDS / f"{own}.jsonl"),
+                            **hardening.node_config()})
+            for folder_name in (SITE_LOGS, SITE_RECORDS):
+                (self.state_dir / folder_name).mkdir(parents=True, exist_ok=True)
+            secret = self.credentials.folder / f"{own}.runner-secret"
+            if not secret.exists():
+                _write_secret(secret)
+            argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        argv += ["--node-config", node_config_text(entries)]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
-        return self.start(role or f"supernode-{site}", argv)
+        service = self.start(role, argv)
+        if secret is not None:
+            self.start(role.replace("supernode-", "runner-", 1), [
+                sys.executable, "-m", "fl.flower.runner", "superexec", "--insecure",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--superexec-auth-secret-file", str(secret)])
+        return service
 
     def wait_connected(self, roles: list[str], timeout: float = 60) -> None:
         """Wait until each SuperNode has joined (its log shows its node id)."""
@@ -327,6 +398,13 @@ class LocalFederation:
         self.stop()
 
 
+def _write_secret(path: Path) -> None:
+    """Write 32 random bytes readable by their owner only (the SuperNode-runner shared secret)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(os.urandom(32))
+
+
 def processes_with_marker(prefix: str) -> list[int]:
     """Return live PIDs whose environment carries MARKER=<a token starting with `prefix`>."""
     needle = f"{MARKER}={prefix}".encode()
@@ -378,10 +456,12 @@ class DeploymentResult:
 
 def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg", resume: bool = False,
                    timeout: float | None = None, progress: bool = True,
-                   data: Path | None = None) -> DeploymentResult:
+                   data: Path | None = None, plain: bool = False) -> DeploymentResult:
     """Run the profile's federation (on provided `data` if given) on the deployment engine.
 
-    The result is collected into <build>/03_federated_training/deployment/.
+    Hardened unless `plain`: each hospital pins this repository's app package and applies
+    `DEFAULT_POLICY`; the ServerApp gets the registered node map. The result is collected
+    into <build>/03_federated_training/deployment/.
     """
     params_file, build_dir = Path(params_file).resolve(), Path(build_dir).resolve()
     data = Path(data).resolve() if data else None
@@ -395,28 +475,35 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
     server, ledgers = state / SERVER_OUTPUT, state / SITE_LEDGERS
     done = latest_checkpoint(server) if resume else 0
     if not resume:  # a fresh run: no checkpoints, no ledgers, no logs
-        for folder in (server, ledgers, state / "logs"):
+        for folder in (server, ledgers, state / "logs", state / SITE_LOGS, state / SITE_RECORDS):
             shutil.rmtree(folder, ignore_errors=True)
     ledgers.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     timeout = timeout or profile.federated.round_timeout_s * (profile.federated.rounds + 1)
 
     started = time.perf_counter()
+    hardening = None if plain else Hardening(pinned_fabs=(app_hash(REPO_ROOT),))
     with LocalFederation(state, sites) as federation:
-        say(f"federation: SuperLink with TLS and node authentication on 127.0.0.1:{federation.port}")
+        say(f"federation: SuperLink with TLS and node authentication on 127.0.0.1:{federation.port}"
+            + ("" if plain else f"; hospitals pin app package {hardening.pinned_fabs[0][:16]}... and apply "
+                                f"their floors ({node_config_text(hardening.policy.as_node_config())})"))
         federation.start_superlink()
         for site in sites:
             federation.register(site)
-        nodes = [federation.start_supernode(site, folder, ledger=ledgers / f"{site}.jsonl").role
+        nodes = [federation.start_supernode(site, folder, ledger=ledgers / f"{site}.jsonl", hardening=hardening).role
                  for site, folder in sites.items()]
         federation.wait_connected(nodes)
         startup = {role: round(s.ready_seconds, 2) for role, s in federation.services.items()}
         say(f"federation: {len(nodes)} SuperNodes joined ({', '.join(sites)}); "
             f"{'resuming after round ' + str(done) if done else 'starting'} {strategy}, "
             f"{profile.federated.rounds} rounds")
-        run_id, stream = federation.submit({"params-path": str(params_file), "data": str(data or ""),
-                                            "strategy": strategy, "output-dir": str(server), "resume": resume})
-        status, details = federation.wait(run_id, stream, timeout, ["superlink", *nodes])
+        run_config = {"params-path": str(params_file), "data": str(data or ""), "strategy": strategy,
+                      "output-dir": str(server), "resume": resume}
+        if hardening is not None and hardening.node_map:
+            run_config["site-nodes"] = format_node_map(federation.node_ids)
+        run_id, stream = federation.submit(run_config)
+        watched = ["superlink", *nodes, *(r for r in federation.services if r.startswith("runner-"))]
+        status, details = federation.wait(run_id, stream, timeout, watched)
         seconds = time.perf_counter() - started
         pids = sorted(s.pid for s in federation.services.values())
     if status != "finished:completed":
@@ -430,6 +517,9 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
         "profile": profile.profile, "strategy": strategy, "run_id": run_id, "status": status,
         "engine": "Flower deployment engine (SuperLink + SuperNodes, processes on 127.0.0.1)",
         "flwr": package_versions(("flwr",))["flwr"], "tls": True, "node_authentication": True,
+        "hardened": hardening is not None,
+        "pinned_app_packages": list(hardening.pinned_fabs) if hardening else [],
+        "site_policy": hardening.policy.as_node_config() if hardening else {},
         "sites": {site: {"node_id": federation.node_ids.get(site), "site_dir": relative(folder)}
                   for site, folder in sites.items()},
         "resumed_after_round": done, "rounds": profile.federated.rounds,
@@ -484,9 +574,17 @@ def collect(build_dir: Path, state: Path, summary: dict) -> Path:
         shutil.copy2(server / name, staging / name)
     shutil.copytree(server / CHECKPOINTS, staging / CHECKPOINTS)
     shutil.copytree(state / SITE_LEDGERS, staging / SITE_LEDGERS)
+    for folder in (SITE_RECORDS,):  # the runners' own records (site_logs stay at the hospitals)
+        if (state / folder).is_dir():
+            shutil.copytree(state / folder, staging / folder)
     shutil.copytree(state / "logs", staging / "logs")
     shutil.copy2(state / "credentials" / "ca.crt", staging / "ca.crt")
     write_json(staging / "deployment.json", summary)
+    leaked = secrets_in(staging)
+    if leaked:  # never publish a key or the SuperLink's database, whatever was copied above
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DeploymentError(f"refusing to publish {len(leaked)} file(s) holding a private key or a database: "
+                              f"{', '.join(p.name for p in leaked)}")
     return replace_folder(staging, target)
 
 
@@ -506,11 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
     parser.add_argument("--resume", action="store_true", help="continue from the last round checkpoint")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
+    parser.add_argument("--plain", action="store_true", help="Flower's defaults: no pinned package, no hospital "
+                                                             "floors, no node map (for comparison)")
     args = parser.parse_args(argv)
     try:
         params_file = args.params or profile_path(args.profile)
         build_dir = args.build_dir or args.build_root / build_name(load_params(params_file).profile, args.data)
-        run_deployment(params_file, build_dir, args.strategy, args.resume, args.timeout, data=args.data)
+        run_deployment(params_file, build_dir, args.strategy, args.resume, args.timeout, data=args.data,
+                       plain=args.plain)
         return 0
     except (ParamsError, DeploymentError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,7 +10,9 @@ YAML for provided data, empty for the synthetic sites), `strategy` (fedavg,
 fedprox, fedadam), `output-dir`, `resume`, and for client-level DP around
 FedAvg `client-dp-noise-multiplier` (> 0 turns it on) and
 `client-dp-clipping-norm`; for patient-level DP-SGD at every site the
-`dp-*` keys of `protocol.DP_KEYS`.
+`dp-*` keys of `protocol.DP_KEYS`; `site-nodes` ("site=node_id,...", the
+registered node map: exactly those nodes may take part, see
+`fl.flower.integrity`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from compendium.params import Profile, load_params
 from fl.data import FeatureSchema, FeatureStatistics, PreprocessingSpec
 from fl.federated import drift, head_arrays, initial_weights
 from fl.flower import protocol
+from fl.flower.integrity import CheckedGrid, parse_node_map
 from fl.flower.ledger import LedgerGrid
 from fl.train import TrainConfig
 
@@ -367,7 +370,8 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
                    resume: bool = False, client_dp: ClientLevelDP | None = None,
                    patient_dp=None, validation_fraction: float = 0.0,
                    personalisation: Personalisation | None = None,
-                   preprocessing: PreprocessingSpec | None = None) -> FederationResult:
+                   preprocessing: PreprocessingSpec | None = None,
+                   node_map: dict[int, str] | None = None) -> FederationResult:
     """Run federated statistics and `strategy_name` training over the grid's sites; write the artifacts.
 
     With a fixed `preprocessing` (a DP run's public scaling,
@@ -380,7 +384,9 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
     (federated model selection) each site trains on the rest of its training
     split and the per-round evaluation is on the held-out share. With
     `personalisation`, every site then personalises the final model and
-    keeps it (FedPer runs always add `own-head`).
+    keeps it (FedPer runs always add `own-head`). Every reply is checked
+    before it is aggregated, and with `node_map` ({node id: site}) only those
+    nodes may take part (`fl.flower.integrity.CheckedGrid`).
     """
     import logging
 
@@ -394,12 +400,13 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         for stale in (ledger_path, history_path, *(output_dir / CHECKPOINTS).glob("round_*.npz")):
             stale.unlink(missing_ok=True)
     ledger = LedgerGrid(grid, ledger_path, run_label=strategy_name)
+    checked = CheckedGrid(ledger, node_map)  # outside the ledger: a rejected reply is still recorded
     federated = profile.federated
     n_sites = len(profile.sites)
     started = time.perf_counter()
-    nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s)
+    nodes = wait_for_sites(checked, n_sites, federated.round_timeout_s)
     if preprocessing is None:
-        spec, rows = federated_statistics(ledger, nodes, federated.round_timeout_s)
+        spec, rows = federated_statistics(checked, nodes, federated.round_timeout_s)
     else:
         spec, rows = preprocessing, {}
     statistics_seconds = time.perf_counter() - started
@@ -434,7 +441,7 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         return None
 
     started = time.perf_counter()
-    result = strategy.start(grid=ledger, initial_arrays=ArrayRecord(start), num_rounds=federated.rounds - done,
+    result = strategy.start(grid=checked, initial_arrays=ArrayRecord(start), num_rounds=federated.rounds - done,
                             timeout=federated.round_timeout_s, train_config=ConfigRecord(dict(settings)),
                             evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=checkpoint)
     training_seconds = time.perf_counter() - started
@@ -448,8 +455,8 @@ def run_federation(grid: Grid, profile: Profile, strategy_name: str, output_dir:
         personalisation = Personalisation(("own-head",)) if personalisation is None else dataclasses.replace(
             personalisation, methods=(*personalisation.methods, "own-head"))
     if personalisation is not None and personalisation.methods:
-        nodes = wait_for_sites(ledger, n_sites, federated.round_timeout_s, "personalisation")
-        personalise_at_sites(ledger, nodes, weights, settings, personalisation, strategy_name,
+        nodes = wait_for_sites(checked, n_sites, federated.round_timeout_s, "personalisation")
+        personalise_at_sites(checked, nodes, weights, settings, personalisation, strategy_name,
                              federated.round_timeout_s, federated.rounds + 1)
     save_arrays(output_dir / FINAL_MODEL_FILE, spec_mean=spec.mean, spec_std=spec.std,
                 **{f"weight_{i}": w for i, w in enumerate(weights)})
@@ -468,4 +475,5 @@ def main(grid: Grid, context: Context) -> None:
         client_dp = ClientLevelDP(float(config["client-dp-noise-multiplier"]),
                                   float(config["client-dp-clipping-norm"]))
     run_federation(grid, profile, str(config["strategy"]), Path(str(config["output-dir"])),
-                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=protocol.read_dp(config))
+                   resume=bool(config.get("resume", False)), client_dp=client_dp, patient_dp=protocol.read_dp(config),
+                   node_map=parse_node_map(str(config.get("site-nodes", ""))))
