@@ -320,7 +320,22 @@ def with_data(profile: Profile, data: str | Path | None, source: str = "--data")
 
     changed = profile.model_copy(update={"data": relative(_resolve(data))})
     _check_dataset(changed, source)
-    return changed
+    return provided_defaults(changed)
+
+
+def provided_defaults(profile: Profile) -> Profile:
+    """Return the profile with the defaults that differ on provided data.
+
+    The published clinical ranges of the DP runs' fixed scaling
+    (fl/privacy/public_scaling.py) name the synthetic extract's features; a
+    provided dataset's features have none, so unless the profile sets
+    `privacy.dp_preprocessing` its DP runs use the statistics round, and every
+    DP artifact says that round 0 lies outside the guarantee.
+    """
+    if profile.data is None or "dp_preprocessing" in profile.privacy.model_fields_set:
+        return profile
+    return profile.model_copy(update={"privacy": profile.privacy.model_copy(
+        update={"dp_preprocessing": "federated_statistics"})})
 
 
 def build_name(profile: str, data: str | Path | None) -> str:
@@ -345,7 +360,7 @@ def load_params(path: str | Path, data: str | Path | None = None) -> Profile:
     profile = validate_profile(parsed, shown)
     if profile.profile != path.stem:
         raise ParamsError(f"{shown}: profile: must equal the file name {path.stem!r} (got {profile.profile!r})")
-    return with_data(profile, data)
+    return provided_defaults(with_data(profile, data))
 
 
 def profile_path(name: str) -> Path:

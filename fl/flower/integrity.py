@@ -108,7 +108,10 @@ class CheckedGrid(ForwardingGrid):
         if size > self.max_reply_bytes:
             raise ReplyRejected(f"{where}: reply of {size} bytes exceeds the cap of {self.max_reply_bytes}")
         if protocol.METRICS in content:
-            bad = [k for k, v in content[protocol.METRICS].items() if not _finite(v)]
+            # A site whose test (or validation) rows have one outcome class reports its AUROC as NaN: not
+            # estimable, which the evaluation shows as such. Any other non-finite metric is refused.
+            bad = [k for k, v in content[protocol.METRICS].items()
+                   if not _finite(v) and not (k in NOT_ESTIMABLE_METRICS and isinstance(v, float) and v != v)]
             if bad:
                 raise ReplyRejected(f"{where}: metric(s) {bad} are not finite numbers")
         kind = reply.metadata.message_type
@@ -161,6 +164,10 @@ class CheckedGrid(ForwardingGrid):
         elif rows is not None and examples != rows:
             raise ReplyRejected(f"{where}: reports {examples} training examples but {rows} training rows in the "
                                 "statistics round")
+
+
+#: Metrics that a site may report as NaN (not estimable on one outcome class).
+NOT_ESTIMABLE_METRICS = ("auroc",)
 
 
 def _finite(value) -> bool:

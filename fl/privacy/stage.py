@@ -311,9 +311,12 @@ def dp_audit(profile: Profile, build_dir: Path) -> list[audit.AuditResult]:
     - round 0 in the clear: `audit_control_noise` with the statistics round's standardisation, the attacker
       reading the released statistics (a violation shows that round 0 is outside the guarantee).
 
-    Each on `audit_patients` per site (a random subsample) and `audit_models` federations.
+    Each on `audit_patients` per site (a random subsample) and `audit_models` federations. Empty on a
+    provided dataset: the canary is built from the synthetic cohort's features (`SYNTHETIC_ONLY`).
     """
     require_logistic(profile)
+    if profile.dataset is not None:
+        return []
     privacy = profile.privacy
     rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 13]))
     sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.audit_patients, len(d)), replace=False)))
@@ -555,7 +558,7 @@ def summary(profile: Profile, results: PrivacyResults) -> dict:
             "any_attack_bound_violation": bool(dp_attacks.filter(like="violates_bound").to_numpy().any()),
             "attack_noise_source": "seeded torch generator (simulated federations: reproducible by design)",
         },
-        "dp_audit": {
+        "dp_audit": {"not_run": SYNTHETIC_ONLY} if not results.dp_audit else {
             "method": ("canary in a random half of DP-SGD federations (the rest of the data fixed); 95% lower bound "
                        "on epsilon from Clopper-Pearson upper limits on FPR and FNR (Jagielski et al. 2020; Nasr et "
                        "al. 2021, 2023); threshold chosen on half the federations, bound on the other half"),
