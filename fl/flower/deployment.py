@@ -493,7 +493,9 @@ def run_deployment(params_file: Path, build_dir: Path, strategy: str = "fedavg",
         nodes = [federation.start_supernode(site, folder, ledger=ledgers / f"{site}.jsonl", hardening=hardening).role
                  for site, folder in sites.items()]
         federation.wait_connected(nodes)
-        startup = {role: round(s.ready_seconds, 2) for role, s in federation.services.items()}
+        # The hospitals' runners have no readiness signal of their own (their SuperNode's join covers them).
+        startup = {role: round(s.ready_seconds, 2) for role, s in federation.services.items()
+                   if s.ready_seconds is not None}
         say(f"federation: {len(nodes)} SuperNodes joined ({', '.join(sites)}); "
             f"{'resuming after round ' + str(done) if done else 'starting'} {strategy}, "
             f"{profile.federated.rounds} rounds")
