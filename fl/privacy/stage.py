@@ -276,15 +276,10 @@ def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     privacy = profile.privacy
     # A random subsample of each site keeps the many small DP steps affordable; the bound is unchanged,
     # since epsilon depends on the sampling rate and the number of steps, not on how many patients there are.
-    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 11]))
-    sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.dp_attack_patients, len(d)), replace=False)))
-             for s, d in site_splits(build_dir, profile.sites, "all").items()}
-    start = recipe(profile, shared_schema(sites).n_inputs).initial
-    preprocessing = dp_preprocessing(profile, shared_schema(sites))
+    sites, start, preprocessing = _dp_subsample(profile, build_dir, privacy.dp_attack_patients, 11)
     rows = []
     for noise in [0.0, *privacy.dp_noise_multipliers]:
-        dp_recipe = DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
-                                privacy.dp_learning_rate, start)
+        dp_recipe = _dp_recipe(profile, noise, start)
         experiment = run(sites, privacy.dp_attack_reference_models, privacy.target_models, dp_recipe, profile.seed,
                          privacy.population_size, preprocessing)
         # Each site's accountant: Poisson rate 1 / steps, steps per epoch times epochs times rounds.
@@ -303,6 +298,23 @@ def dp_membership(profile: Profile, build_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _dp_subsample(profile: Profile, build_dir: Path, patients: int, stream: int):
+    """Return (a seeded random subsample of `patients` per site, the federation's initial weights, the DP runs'
+    preprocessing): the set-up the DP attack runs (stream 11) and the audit (stream 13) share."""
+    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, stream]))
+    sites = {s: d.take(np.sort(rng.choice(len(d), min(patients, len(d)), replace=False)))
+             for s, d in site_splits(build_dir, profile.sites, "all").items()}
+    schema = shared_schema(sites)
+    return sites, recipe(profile, schema.n_inputs).initial, dp_preprocessing(profile, schema)
+
+
+def _dp_recipe(profile: Profile, noise: float, start) -> DPSGDRecipe:
+    """Return the profile's DP-SGD federation (one local epoch per round) at noise multiplier `noise`."""
+    privacy = profile.privacy
+    return DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
+                       privacy.dp_learning_rate, start)
+
+
 def dp_audit(profile: Profile, build_dir: Path) -> list[audit.AuditResult]:
     """Return the empirical audit of DP-SGD (fl.privacy.audit): per noise level, and two controls that must fail.
 
@@ -318,15 +330,10 @@ def dp_audit(profile: Profile, build_dir: Path) -> list[audit.AuditResult]:
     if profile.dataset is not None:
         return []
     privacy = profile.privacy
-    rng = np.random.default_rng(np.random.SeedSequence([profile.seed, 13]))
-    sites = {s: d.take(np.sort(rng.choice(len(d), min(privacy.audit_patients, len(d)), replace=False)))
-             for s, d in site_splits(build_dir, profile.sites, "all").items()}
-    start = recipe(profile, shared_schema(sites).n_inputs).initial
-    spec = dp_preprocessing(profile, shared_schema(sites))
+    sites, start, spec = _dp_subsample(profile, build_dir, privacy.audit_patients, 13)
 
     def audited(noise, accounted=None, preprocessing=spec, label=None):
-        dp_recipe = DPSGDRecipe(profile.federated.rounds, 1, noise, privacy.dp_max_grad_norm, privacy.dp_sample_rate,
-                                privacy.dp_learning_rate, start)
+        dp_recipe = _dp_recipe(profile, noise, start)
         return audit.audit(sites, profile.sites[0], dp_recipe, privacy.audit_models, privacy.dp_delta, profile.seed,
                            preprocessing, accounted, label)
 
