@@ -100,8 +100,8 @@ def run(profile: Profile, build_dir: Path, output_dir: Path, params_file: Path |
     runs = {}
     for strategy in profile.federated.strategies:
         result, seconds = engine.timed(run_strategy, profile, params_file, strategy, build_dir, output_dir)
-        predictions = {site: predict(kind, hidden, result.weights, result.spec.transform(data.features))
-                       for site, data in test.items()}
+        matrices = {site: result.spec.transform(data.features) for site, data in test.items()}
+        predictions = {site: predict(kind, hidden, result.weights, matrices[site]) for site in test}
         metrics = {site: evaluate(test[site].labels, site_scores, profile.baselines.bootstrap_resamples, rng)
                    for site, site_scores in predictions.items()}
         run = StrategyRun(result, Path(output_dir) / strategy, predictions, metrics, seconds)
@@ -111,7 +111,7 @@ def run(profile: Profile, build_dir: Path, output_dir: Path, params_file: Path |
                 path = engine.site_output_dir(run.folder, site_dir(build_dir, site)) / strategy / f"{method}.npz"
                 if not path.exists():
                     continue  # the site could not personalise this way (e.g. one outcome class)
-                scores = personalised_predict(kind, hidden, np.load(path), result.spec.transform(data.features))
+                scores = personalised_predict(kind, hidden, np.load(path), matrices[site])
                 run.personalised_predictions.setdefault(method, {})[site] = scores
                 run.personalised.setdefault(method, {})[site] = evaluate(
                     data.labels, scores, profile.baselines.bootstrap_resamples, rng)
